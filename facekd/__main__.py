@@ -1,0 +1,3 @@
+from facekd.cli import main
+
+raise SystemExit(main())

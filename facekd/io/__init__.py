@@ -1,0 +1,1 @@
+"""Reading and writing images and the field's dataset formats."""
