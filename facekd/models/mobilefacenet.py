@@ -1,0 +1,109 @@
+"""MobileFaceNet trunk (Chen et al., 2018) in the insightface block layout.
+
+Stem conv3×3/2 (64) → depthwise conv3×3 (64) → bottlenecks [expansion t, channels c,
+repeats n, stride s] = [2, 64, 5, 2], [4, 128, 1, 2], [2, 128, 6, 1], [4, 128, 1, 2],
+[2, 128, 2, 1] → conv1×1 to 512 (PReLU). Output stride 16 (512×7×7 at 112×112). The global
+depthwise (GDC) embedding head is `facekd.models.heads.GDCHead`.
+
+`width_mult=1` is the paper's network (about 1.2 M parameters and 0.23 G multiply-adds with
+a 512-d GDC head). `width_mult` scales every width (stage channels and expansions) alike;
+arcface_torch's `mbf` (scale=2) instead widens only the stage channels, so its sizes differ.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+DEFAULT_BLOCKS = (1, 4, 6, 2)
+
+
+def make_divisible(value: float, divisor: int = 8, minimum: int | None = None) -> int:
+    """Round a channel count to a multiple of `divisor`, never more than 10 % below `value`."""
+    minimum = divisor if minimum is None else minimum
+    rounded = max(minimum, int(value + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * value:
+        rounded += divisor
+    return rounded
+
+
+class ConvBlock(nn.Module):
+    """Conv (no bias) → BN → optional PReLU."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int = 1, stride: int = 1, groups: int = 1,
+                 activation: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, groups=groups,
+                              bias=False)
+        self.bn = nn.BatchNorm2d(out_ch)
+        self.act: nn.Module = nn.PReLU(out_ch) if activation else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class DepthWiseBottleneck(nn.Module):
+    """Inverted bottleneck: 1×1 expand (PReLU) → 3×3 depthwise (PReLU) → 1×1 linear project."""
+
+    def __init__(self, in_ch: int, out_ch: int, hidden: int, stride: int = 1, residual: bool = False):
+        super().__init__()
+        if residual and (stride != 1 or in_ch != out_ch):
+            raise ValueError("a residual bottleneck keeps the shape")
+        self.residual = residual
+        self.expand = ConvBlock(in_ch, hidden, 1)
+        self.depthwise = ConvBlock(hidden, hidden, 3, stride=stride, groups=hidden)
+        self.project = ConvBlock(hidden, out_ch, 1, activation=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.project(self.depthwise(self.expand(x)))
+        return x + out if self.residual else out
+
+
+def _residual_stage(channels: int, hidden: int, repeats: int) -> nn.Sequential:
+    return nn.Sequential(*[DepthWiseBottleneck(channels, channels, hidden, residual=True)
+                           for _ in range(repeats)])
+
+
+class MobileFaceNet(nn.Module):
+    """MobileFaceNet trunk: returns the (B, 512, H/16, W/16) map before the GDC head."""
+
+    stride = 16
+
+    def __init__(self, width_mult: float = 1.0, blocks: Sequence[int] = DEFAULT_BLOCKS,
+                 out_channels: int = 512):
+        super().__init__()
+        if len(blocks) != 4 or any(int(b) < 1 for b in blocks):
+            raise ValueError("blocks needs four positive repeat counts")
+        c64 = make_divisible(64 * width_mult)
+        c128 = make_divisible(128 * width_mult)
+        b0, b1, b2, b3 = (int(b) for b in blocks)
+        layers: list[nn.Module] = [ConvBlock(3, c64, 3, stride=2)]
+        if b0 == 1:
+            layers.append(ConvBlock(c64, c64, 3, groups=c64))
+        else:
+            layers.append(_residual_stage(c64, 2 * c64, b0))
+        layers += [
+            DepthWiseBottleneck(c64, c64, 2 * c64, stride=2),
+            _residual_stage(c64, 2 * c64, b1),
+            DepthWiseBottleneck(c64, c128, 4 * c64, stride=2),
+            _residual_stage(c128, 2 * c128, b2),
+            DepthWiseBottleneck(c128, c128, 4 * c128, stride=2),
+            _residual_stage(c128, 2 * c128, b3),
+            ConvBlock(c128, out_channels, 1),
+        ]
+        self.layers = nn.Sequential(*layers)
+        self.out_channels = out_channels
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)

@@ -1,0 +1,103 @@
+"""Inference objects returned by `facekd.load`: `QualityModel.score` and `FaceEmbedder.embed`.
+
+Images may be paths, a folder (recursive), an image-list file (.txt/.lst), an RGB uint8 array
+(HxWx3), a batch array (NxHxWx3), or a sequence of any of these. Inputs are resized to the
+model's input size; faces are assumed to be already cropped/aligned."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, Sequence, Union
+
+import numpy as np
+import torch
+
+from facekd.errors import FacekdError
+
+ImageInput = Union[str, os.PathLike, np.ndarray]
+
+
+def _expand(images: ImageInput | Sequence[ImageInput]) -> list[Path | np.ndarray]:
+    from facekd.io.formats import resolve_inputs
+
+    if isinstance(images, np.ndarray):
+        return list(images) if images.ndim == 4 else [images]
+    if isinstance(images, (str, os.PathLike)):
+        return list(resolve_inputs([images]))
+    items: list[Path | np.ndarray] = []
+    for item in images:
+        if isinstance(item, np.ndarray):
+            items.extend(_expand(item))
+        else:
+            items.extend(resolve_inputs([item]))
+    return items
+
+
+class _Predictor:
+    def __init__(self, model, device: str | torch.device = "cpu", batch_size: int = 64):
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.input_size = model.input_size
+
+    @property
+    def info(self) -> dict:
+        return {"task": self.model.task, "arch": self.model.arch, "input_size": self.input_size,
+                "metrics": getattr(self.model, "metrics", {})}
+
+    def _load(self, item: Path | np.ndarray) -> np.ndarray:
+        from facekd.io.images import read_image, resize_to, to_rgb_uint8
+
+        image = to_rgb_uint8(item) if isinstance(item, np.ndarray) else read_image(item)
+        return resize_to(image, (self.input_size, self.input_size))
+
+    def _batches(self, items: list[Path | np.ndarray]) -> Iterator[torch.Tensor]:
+        for start in range(0, len(items), self.batch_size):
+            chunk = np.stack([self._load(item) for item in items[start:start + self.batch_size]])
+            yield self.model.normalize(torch.from_numpy(chunk).to(self.device))
+
+    @torch.inference_mode()
+    def _forward(self, images, flip: bool = False) -> np.ndarray:
+        items = _expand(images)
+        if not items:
+            raise FacekdError("no images given")
+        outputs = []
+        for batch in self._batches(items):
+            out = self.model(batch)
+            if flip:
+                out = out + self.model(torch.flip(batch, dims=[3]))
+            outputs.append(out.float().cpu())
+        return torch.cat(outputs).numpy()
+
+
+class QualityModel(_Predictor):
+    """A face image quality regressor: higher score = better quality (MOS scale when trained on MOS)."""
+
+    def score(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
+        return self._forward(images).reshape(-1).astype(np.float32)
+
+
+class FaceEmbedder(_Predictor):
+    """A face recognition network: L2-normalised embeddings compared by cosine similarity."""
+
+    @property
+    def embedding_size(self) -> int:
+        return int(self.model.embedding_size)
+
+    def embed(self, images: ImageInput | Sequence[ImageInput], flip: bool = False) -> np.ndarray:
+        """Embeddings (N, D); `flip` adds the horizontally flipped image's embedding first."""
+        raw = self._forward(images, flip=flip).astype(np.float32)
+        norms = np.linalg.norm(raw, axis=1, keepdims=True)
+        return raw / np.maximum(norms, 1e-12)
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 64):
+    """Load a facekd model file as a `QualityModel` or a `FaceEmbedder`, by its task."""
+    from facekd.models.artifact import load_model
+
+    model = load_model(path, device=device)
+    predictor = {"quality": QualityModel, "recognition": FaceEmbedder}.get(model.task)
+    if predictor is None:
+        raise FacekdError(f"{path}: unknown model task {model.task!r}")
+    return predictor(model, device=device, batch_size=batch_size)
