@@ -1,3 +1,18 @@
-"""facekd: knowledge distillation for face image quality assessment and face recognition."""
+"""facekd: knowledge distillation for face image quality assessment and face recognition.
+
+`facekd.load(path)` returns a `QualityModel` (`.score(images)`) or a `FaceEmbedder`
+(`.embed(images)`) from a model file."""
+
+from __future__ import annotations
 
 __version__ = "0.1.0"
+
+
+def load(path, device="cpu", batch_size: int = 64):
+    """Load a `.safetensors` model file as a quality scorer or a face embedder."""
+    from facekd.models.predictor import load as _load
+
+    return _load(path, device=device, batch_size=batch_size)
+
+
+__all__ = ["__version__", "load"]
