@@ -112,6 +112,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
+def _add_generation(parser: argparse.ArgumentParser) -> None:
+    """Options of every command that writes a synthetic dataset."""
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default: 0)")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_common(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="facekd",
@@ -122,10 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run the main job on built-in synthetic data")
     demo.add_argument("--out", default="demo_run", help="output folder (default: demo_run)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count)")
-    demo.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    _add_common(demo)
+    _add_generation(demo)
     demo.set_defaults(func=cmd_demo)
 
     synth = commands.add_parser("synth", help="generate deterministic synthetic face datasets")
@@ -136,7 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
     ids.add_argument("--identities", type=int, default=None, help="number of identities (default: 100)")
     ids.add_argument("--images-per-identity", type=int, default=None, help="(default: 20)")
     ids.add_argument("--size", type=int, default=112, help="image side in pixels (default: 112)")
-    ids.add_argument("--seed", type=int, default=0)
     ids.add_argument("--difficulty", type=float, default=None,
                      help="0 (easy) … 1 (hard): sets both knobs below; see README 'Synthetic data' (default: 0.5)")
     ids.add_argument("--identity-spread", type=float, default=None,
@@ -149,9 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     ids.add_argument("--pairs", type=int, default=None, help="number of verification pairs (balanced)")
     ids.add_argument("--degrade", type=float, default=0.0,
                      help="probability that an image carries quality degradations (default: 0)")
-    ids.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count)")
-    ids.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    _add_common(ids)
+    _add_generation(ids)
     ids.set_defaults(func=cmd_synth_identities)
 
     qual = synth_commands.add_parser("quality", help="degraded faces with MOS labels (quality)")
@@ -161,10 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="unlabeled images, split into two lists (default: 2000)")
     qual.add_argument("--test", type=int, default=None, help="test images (default: 500)")
     qual.add_argument("--size", type=int, default=None, help="image side in pixels (default: 128)")
-    qual.add_argument("--seed", type=int, default=0)
-    qual.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count)")
-    qual.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    _add_common(qual)
+    _add_generation(qual)
     qual.set_defaults(func=cmd_synth_quality)
 
     models = commands.add_parser("models", help="architectures with params, GFLOPs and CPU speed")

@@ -28,6 +28,16 @@ def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
+
+def init_conv_bn(module: nn.Module) -> None:
+    """Kaiming-normal (fan-out) convolutions and unit/zero batch norms, as insightface does."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(layer, nn.BatchNorm2d):
+            nn.init.ones_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
 class IBasicBlock(nn.Module):
     """Pre-activation-style residual block of IResNet; the stride sits on the second conv."""
 
@@ -79,15 +89,7 @@ class IResNet(nn.Module):
             in_ch = width
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.out_channels = in_ch
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_conv_bn(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.prelu(self.bn1(self.conv1(x)))

@@ -17,6 +17,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from facekd.models.iresnet import init_conv_bn
+
 DEFAULT_BLOCKS = (1, 4, 6, 2)
 
 
@@ -95,15 +97,7 @@ class MobileFaceNet(nn.Module):
         ]
         self.layers = nn.Sequential(*layers)
         self.out_channels = out_channels
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_conv_bn(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)

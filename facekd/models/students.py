@@ -218,6 +218,21 @@ class PositionalEncodingFourier(nn.Module):
         return self.projection(grid)  # (1, dim, H, W)
 
 
+class LayerScaledMLP(nn.Module):
+    """Channels-last LN → Linear (ratio×) → GELU → Linear → per-channel layer scale."""
+
+    def __init__(self, dim: int, mlp_ratio: int = 4, layer_scale: float = 1e-6):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, mlp_ratio * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(mlp_ratio * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), layer_scale))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gamma * self.pwconv2(self.act(self.pwconv1(self.norm(x))))
+
+
 class ConvEncoder(nn.Module):
     """EdgeNeXt conv encoder: k×k depthwise → LN → MLP (4×, GELU) → layer scale, residual."""
 
@@ -225,17 +240,11 @@ class ConvEncoder(nn.Module):
                  layer_scale: float = 1e-6):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim)
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.pwconv1 = nn.Linear(dim, mlp_ratio * dim)
-        self.act = nn.GELU()
-        self.pwconv2 = nn.Linear(mlp_ratio * dim, dim)
-        self.gamma = nn.Parameter(torch.full((dim,), layer_scale))
+        self.mlp = LayerScaledMLP(dim, mlp_ratio, layer_scale)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.dwconv(x).permute(0, 2, 3, 1)
-        out = self.pwconv2(self.act(self.pwconv1(self.norm(out))))
-        out = (self.gamma * out).permute(0, 3, 1, 2)
+        out = self.mlp(self.dwconv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return x + self.drop_path(out)
 
 
@@ -286,11 +295,7 @@ class SDTAEncoder(nn.Module):
         self.norm_xca = nn.LayerNorm(dim, eps=1e-6)
         self.gamma_xca = nn.Parameter(torch.full((dim,), layer_scale))
         self.xca = CrossCovarianceAttention(dim, heads)
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.pwconv1 = nn.Linear(dim, mlp_ratio * dim)
-        self.act = nn.GELU()
-        self.pwconv2 = nn.Linear(mlp_ratio * dim, dim)
-        self.gamma = nn.Parameter(torch.full((dim,), layer_scale))
+        self.mlp = LayerScaledMLP(dim, mlp_ratio, layer_scale)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -308,8 +313,7 @@ class SDTAEncoder(nn.Module):
             x = x + self.pos_embed(h, w)
         tokens = x.flatten(2).transpose(1, 2)  # (B, N, C)
         tokens = tokens + self.drop_path(self.gamma_xca * self.xca(self.norm_xca(tokens)))
-        out = self.pwconv2(self.act(self.pwconv1(self.norm(tokens))))
-        out = (self.gamma * out).transpose(1, 2).reshape(b, c, h, w)
+        out = self.mlp(tokens).transpose(1, 2).reshape(b, c, h, w)
         return shortcut + self.drop_path(out)
 
 
