@@ -78,6 +78,7 @@ def run(entries: Iterable[tuple[str, ModelFactory, int]], *, batch: int, device:
 def main(argv: list[str] | None = None) -> int:
     from facekd.io.atomic import atomic_write_text
     from facekd.models import available_archs, build_model
+    from facekd.runtime import keep_freed_memory
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", help="comma-separated names (default: every registered architecture)")
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, help="seconds per architecture (default: 3 on CPU, 20 on CUDA)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
+    allocator_tuned = keep_freed_memory()  # as the facekd CLI does
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
     if args.device == "cuda" and not cuda:
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "train_throughput", "measure": "forward+backward images/s (median over timed iterations)",
         "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": batch,
-        "results": results, "skipped": skipped,
+        "glibc_keeps_freed_memory": allocator_tuned, "results": results, "skipped": skipped,
     }
     if args.out:
         atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")

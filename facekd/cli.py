@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 from facekd import __version__
 from facekd.errors import FacekdError
+from facekd.runtime import keep_freed_memory
 
 
 def _progress(args: argparse.Namespace):
@@ -178,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
