@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from facekd.models.weights import init_conv_bn
+
 IRESNET_LAYERS: dict[int, tuple[int, int, int, int]] = {
     18: (2, 2, 2, 2),
     34: (3, 4, 6, 3),
@@ -27,16 +29,6 @@ BN_EPS = 1e-5
 def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=stride, padding=1, bias=False)
 
-
-
-def init_conv_bn(module: nn.Module) -> None:
-    """Kaiming-normal (fan-out) convolutions and unit/zero batch norms, as insightface does."""
-    for layer in module.modules():
-        if isinstance(layer, nn.Conv2d):
-            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(layer, nn.BatchNorm2d):
-            nn.init.ones_(layer.weight)
-            nn.init.zeros_(layer.bias)
 
 class IBasicBlock(nn.Module):
     """Pre-activation-style residual block of IResNet; the stride sits on the second conv."""

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from facekd.models.iresnet import init_conv_bn
+from facekd.models.weights import init_conv_bn
 
 DEFAULT_BLOCKS = (1, 4, 6, 2)
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from facekd.models.mobilefacenet import make_divisible
+from facekd.models.weights import init_conv_bn
 
 # --------------------------------------------------------------------------------------------
 # MobileNetV3
@@ -150,14 +151,7 @@ class MobileNetV3(nn.Module):
         layers.append(ConvBNAct(in_ch, last, 1, activation=nn.Hardswish))
         self.features = nn.Sequential(*layers)
         self.out_channels = last
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out")
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_conv_bn(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
