@@ -467,3 +467,35 @@ def test_damaged_checkpoint_is_a_data_error(tmp_path, damage):
         path.write_bytes(b"")
     with pytest.raises(DataError, match=r"last\.ckpt: (unreadable|not a facekd)"):
         Trainer(config(), tmp_path).fit(linear(), MSE(), Regression())
+
+
+def test_ema_averages_tied_weights_once():
+    from facekd.engine.ema import ModelEma
+
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False))
+    model[1].weight = model[0].weight  # tied
+    with torch.no_grad():
+        model[0].weight.zero_()
+    ema = ModelEma(model, decay=0.5)
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    ema.updates = 10**6  # past the warm-up: d = decay
+    ema.update(model)
+    assert torch.allclose(ema.module[0].weight, torch.full((2, 2), 0.5))
+    assert ema.module[1].weight is ema.module[0].weight
+
+
+def test_non_finite_weights_never_replace_the_last_good_checkpoint(tmp_path):
+    class LateNaN(MSE):
+        def forward(self, model, batch):
+            loss, metrics = super().forward(model, batch)
+            return (loss * float("nan") if len(self.seen) > 4 else loss), metrics
+
+    # 4 steps an epoch; the loss turns NaN at step 5, long before the first log step (100)
+    with pytest.raises(FacekdError, match="non-finite weights at step 8"):
+        Trainer(config(epochs=3, log_every_steps=100), tmp_path).fit(linear(), LateNaN(), Regression())
+    from facekd.engine.checkpoint import load_checkpoint
+
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert state["step"] == 4
+    assert all(torch.isfinite(t).all() for t in state["model"].values())

@@ -189,10 +189,3 @@ class _EpochDataset(Dataset):
             return self.dataset[index]
         finally:
             _sample_context = None
-
-
-def _seed_worker(worker_id: int) -> None:
-    """DataLoader worker init: numpy's global generator follows the worker's torch seed (which
-    the loader derives from seed, epoch and rank). Global generators in workers are still
-    tied to `num_workers`; use `sample_rng` for augmentation that must survive a resume."""
-    np.random.seed(torch.initial_seed() % 2**32)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 from torch import nn
+
+
+def _tensors(module: nn.Module):
+    return itertools.chain(module.named_parameters(), module.named_buffers())
 
 
 class ModelEma:
@@ -27,8 +32,8 @@ class ModelEma:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         d = self.decay_at(self.updates)
-        current = model.state_dict()
-        for name, avg in self.module.state_dict().items():
+        current = dict(_tensors(model))
+        for name, avg in _tensors(self.module):  # each tensor once, even when weights are tied
             value = current[name].detach()
             if avg.is_floating_point():
                 avg.mul_(d).add_(value.to(avg.dtype), alpha=1.0 - d)

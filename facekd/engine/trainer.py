@@ -19,6 +19,9 @@ Conventions for what a stage passes in:
 - `evaluate(model) -> dict[str, float]` runs on rank 0 only, in eval mode, under
   `torch.no_grad()`, in full precision, with the model on the training device, and without
   disturbing the training RNG streams; its result is broadcast so every rank returns the same.
+  Under DDP the other ranks wait in that broadcast, so an evaluation must finish within the
+  process group's timeout (torch's default: 10 min with NCCL, 30 min with gloo): keep
+  periodic evaluation short and run full test sets after training.
 
 What a run does and writes:
 
@@ -58,7 +61,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from facekd.engine.checkpoint import (config_differences, config_fingerprint, load_checkpoint, preserved_rng,
                                       rng_state, save_checkpoint, set_rng_state)
-from facekd.engine.distributed import (BatchSampler, DeterministicBatchSampler, _EpochDataset, _seed_worker,
+from facekd.engine.distributed import (BatchSampler, DeterministicBatchSampler, _EpochDataset,
                                        derive_seed, gather_objects, seed_everything)
 from facekd.engine.ema import ModelEma
 from facekd.engine.schedule import LRSchedule
@@ -330,6 +333,7 @@ def _loss_state(loss_fn: nn.Module) -> dict[str, torch.Tensor]:
 def _start_fabric(cfg: TrainConfig):
     """Create the Fabric for `cfg` and start its processes; returns (fabric, precision used)."""
     from lightning_fabric import Fabric
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
 
     cuda = torch.cuda.is_available()
     if cfg.accelerator == "cuda" and not cuda:
@@ -347,10 +351,11 @@ def _start_fabric(cfg: TrainConfig):
         fabric = Fabric(accelerator="cuda" if on_cuda else "cpu", devices=cfg.devices, num_nodes=cfg.num_nodes,
                         strategy=cfg.strategy, precision=precision)
         fabric.launch()
-    except (ValueError, TypeError, RuntimeError) as exc:
-        raise ConfigError(f"train.devices: cannot start {cfg.devices} device(s) x {cfg.num_nodes} node(s) ({exc}). "
-                          f"Several processes need a script or CLI run (or torchrun), not an interactive "
-                          f"session") from None
+    except (ValueError, TypeError, RuntimeError, MisconfigurationException) as exc:
+        hint = (" Several processes need a script or CLI run (or torchrun), not an interactive session."
+                if cfg.devices * cfg.num_nodes > 1 else "")
+        raise ConfigError(f"train: cannot start Fabric (accelerator={cfg.accelerator}, devices={cfg.devices}, "
+                          f"num_nodes={cfg.num_nodes}, strategy={cfg.strategy}): {exc}.{hint}") from None
     finally:
         fabric_log.setLevel(level)
     if fabric.world_size > 1 and not _exit_hook:
@@ -564,7 +569,6 @@ class _Run:
             _EpochDataset(self.dataset, cfg.seed, self.epoch),
             batch_sampler=_BatchWindow(self.sampler, start, stop),
             num_workers=cfg.num_workers,
-            worker_init_fn=_seed_worker if cfg.num_workers else None,
             generator=torch.Generator().manual_seed(derive_seed(cfg.seed, self.epoch, self.rank)),
             pin_memory=self.fabric.device.type == "cuda",
         )
@@ -647,6 +651,11 @@ class _Run:
     # --------------------------------------------------------------------- checkpoints
 
     def _save(self) -> None:
+        # Every rank holds the same weights, so every rank reaches the same verdict (no collective).
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise FacekdError(f"training diverged: non-finite weights at step {self.step}; the last good "
+                              f"checkpoint {self.t.checkpoint_path} is kept (lower the learning rate or "
+                              f"enable clip_grad_norm)")
         per_rank = gather_objects({"rng": rng_state(), "window": self.window.state()})
         if not self.is_main:
             return
@@ -690,6 +699,9 @@ class _Run:
             raise ConfigError(f"{path}: the training data changed since this checkpoint ({state.get('num_samples')} "
                               f"samples, {state.get('steps_per_epoch')} steps/epoch then; {len(self.dataset)} and "
                               f"{self.steps_per_epoch} now)")
+        if state.get("world_size") != self.world:
+            raise ConfigError(f"{path}: written by {state.get('world_size')} process(es), resumed with {self.world}; "
+                              f"resume with the same devices x num_nodes")
         try:
             self.model.load_state_dict(state["model"])
             self._load_loss_state(state.get("loss", {}))
