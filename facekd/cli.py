@@ -186,6 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FacekdError as error:
         print(f"facekd: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # disk full, permission denied, ... on a path the library did not name
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"facekd: error: {where}{error.strerror or error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("facekd: interrupted", file=sys.stderr)
         return 130

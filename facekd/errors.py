@@ -17,6 +17,10 @@ class DataError(FacekdError):
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
 
+    def __reduce__(self):
+        # rebuilt from (path, reason), so it crosses process boundaries (worker pools)
+        return type(self), (self.path, self.reason)
+
 
 class ConfigError(FacekdError):
     """A configuration value that is missing, unknown or of the wrong type."""

@@ -129,3 +129,22 @@ def test_no_images(tmp_path, quality):
     scorer = QualityModel(quality)
     with pytest.raises(FacekdError):
         scorer.score([])
+
+
+def test_damaged_metadata_and_bad_batch_size(tmp_path, quality):
+    from facekd.errors import ConfigError
+
+    path = save_model(quality, tmp_path / "q.safetensors")
+    data = path.read_bytes()
+    header_len = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + header_len])
+    header["__metadata__"]["options"] = "[1]"
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    bad = tmp_path / "damaged.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + header_len:])
+    with pytest.raises(DataError, match="damaged.safetensors: damaged facekd metadata"):
+        facekd.load(bad)
+    for size in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match="batch_size"):
+            facekd.load(path, batch_size=size)

@@ -48,3 +48,25 @@ def test_atomic_directory(tmp_path):
         (tmp / "b.txt").write_text("y")
     assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_atomic_directory_refuses_unusable_targets(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x").write_text("keep")
+    with pytest.raises(DataError, match="current folder"):
+        with atomic_directory(".", overwrite=True):
+            pass
+    with pytest.raises(DataError, match="current folder"):
+        with atomic_directory("..", overwrite=True):
+            pass
+    with pytest.raises(DataError, match="cannot create the output folder"):
+        with atomic_directory(tmp_path / "x" / "out"):
+            pass
+    assert (tmp_path / "x").read_text() == "keep"
+
+
+def test_data_error_survives_pickling():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(DataError("a.png", "truncated PNG")))
+    assert (error.path, error.reason, str(error)) == ("a.png", "truncated PNG", "a.png: truncated PNG")

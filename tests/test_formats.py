@@ -293,3 +293,15 @@ def test_write_pairs_refuses_unstorable_paths(tmp_path):
         write_pairs(out, [])
     assert not out.exists()
     assert os.listdir(tmp_path) == []
+
+
+def test_special_files_are_refused_without_reading(tmp_path):
+    import os
+
+    from facekd.errors import DataError
+    from facekd.io.formats import read_mos_csv
+
+    fifo = tmp_path / "labels.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="labels.csv: is not a regular file"):
+        read_mos_csv(fifo)

@@ -276,3 +276,12 @@ def test_unpack_record_matches_pack_record():
     header, image = unpack_record(pack_record(7, b"jpegdata", id=3, id2=4))
     assert header == IRHeader(0, 7.0, 3, 4) and image == b"jpegdata"
     assert len(pack_record(7, b"")) == 24 and len(pack_record([1, 2, 3], b"")) == 36
+
+
+def test_person_ids_as_labels_are_refused_before_any_work(tmp_path):
+    from facekd.errors import DataError
+    from facekd.io.recordio import write_insightface_dataset
+
+    with pytest.raises(DataError, match="too large"):
+        write_insightface_dataset(tmp_path / "train.rec", [(1_000_000_023, b"x")])
+    assert list(tmp_path.iterdir()) == []

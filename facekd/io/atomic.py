@@ -53,13 +53,18 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     """Yield a temporary sibling folder to fill; it replaces `path` only if the block succeeds.
 
     An existing non-empty `path` is refused unless `overwrite` is set."""
-    path = Path(path)
+    path = Path(os.path.abspath(path))
+    if Path.cwd() == path or path in Path.cwd().parents:
+        raise DataError(path, "refusing to replace the current folder or one of its parents")
     if path.exists() and not path.is_dir():
         raise DataError(path, "exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise DataError(path, "folder exists and is not empty (use --overwrite to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    except OSError as error:
+        raise DataError(path, f"cannot create the output folder: {error.strerror or error}") from None
     try:
         os.chmod(tmp, _default_mode(directory=True))
         yield tmp

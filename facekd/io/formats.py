@@ -13,6 +13,7 @@ import csv
 import io
 import math
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -64,10 +65,16 @@ def portable_path(path: PathLike, folder: PathLike) -> str:
 def require_file(path: PathLike, what: str = "file") -> Path:
     """`path` as a Path if it is an existing regular file, else a DataError."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(path, f"{what} not found")
-    if path.is_dir():
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise DataError(path, f"{what} not found") from None
+    except OSError as exc:
+        raise DataError(path, f"cannot read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
         raise DataError(path, f"is a folder, expected a {what}")
+    if not stat.S_ISREG(mode):
+        raise DataError(path, f"is not a regular file (device, pipe or socket), expected a {what}")
     return path
 
 

@@ -394,7 +394,9 @@ def write_records(rec_path: str | os.PathLike, idx_path: str | os.PathLike,
     rec_path, idx_path = Path(rec_path), Path(idx_path)
     seen: set[int] = set()
     count = 0
-    with atomic_write(rec_path, "wb") as rec, atomic_write(idx_path, "w", encoding="ascii", newline="") as idx:
+    # The inner file is renamed into place first: the .rec, then its .idx, so an index never
+    # describes records that are not there yet.
+    with atomic_write(idx_path, "w", encoding="ascii", newline="") as idx, atomic_write(rec_path, "wb") as rec:
         offset = 0
         for key, payload in payloads:
             key = int(key)
@@ -453,6 +455,9 @@ def write_insightface_dataset(rec_path: str | os.PathLike, items: Iterable[tuple
                 raise DataError(rec_path, f"item {number}: label {label} follows label {previous}; "
                                           "items must be ordered by label")
             key += 1
+            if label + 1 + key > _FLOAT32_EXACT:
+                raise DataError(rec_path, f"item {number}: label {label} is too large: insightface stores record "
+                                          f"keys as float32 (labels must be 0..N-1 class indices)")
             starts.extend([key] * (label + 1 - len(starts)))
             previous = label
             yield key, pack_record(float(label), bytes(image), id=key)

@@ -95,7 +95,12 @@ def _parse_metadata(path: Path, metadata: dict[str, str]) -> ModelInfo:
                               f"{__version__} (expected {FORMAT_VERSION})")
     try:
         parsed = {key: json.loads(metadata.get(key) or "{}") for key in _JSON_KEYS}
+        not_objects = [key for key, value in parsed.items() if not isinstance(value, dict)]
+        if not_objects:
+            raise ValueError(f"{', '.join(not_objects)} must be JSON objects")
         input_size = int(metadata["input_size"])
+        if input_size <= 0:
+            raise ValueError(f"input_size must be positive, got {input_size}")
         embedding = metadata.get("embedding_size", "")
         return ModelInfo(
             path=path, task=metadata["task"], arch=metadata["arch"], input_size=input_size,
@@ -119,7 +124,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
             raise DataError(path, f"truncated or damaged weights ({error})") from None
     try:
         model = build_model(info.arch, input_size=info.input_size, **info.options)
-    except FacekdError as error:
+    except (FacekdError, TypeError) as error:
         raise DataError(path, f"cannot rebuild the model: {error}") from None
     try:
         model.load_state_dict(state, strict=True)

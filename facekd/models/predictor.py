@@ -13,7 +13,7 @@ from typing import Iterator, Sequence, Union
 import numpy as np
 import torch
 
-from facekd.errors import FacekdError
+from facekd.errors import ConfigError, FacekdError
 
 ImageInput = Union[str, os.PathLike, np.ndarray]
 
@@ -36,6 +36,8 @@ def _expand(images: ImageInput | Sequence[ImageInput]) -> list[Path | np.ndarray
 
 class _Predictor:
     def __init__(self, model, device: str | torch.device = "cpu", batch_size: int = 64):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.batch_size = batch_size
