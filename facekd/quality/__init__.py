@@ -1,0 +1,1 @@
+"""Face image quality assessment: the self-training + distillation pipeline, metrics, scoring."""
