@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 
 
 def load(path, device="cpu", batch_size: int = 64):
-    """Load a `.safetensors` model file as a quality scorer or a face embedder."""
+    """Load a `.safetensors` model file (PyTorch) or an exported `.onnx` file (ONNX Runtime, CPU)
+    as a quality scorer or a face embedder."""
     from facekd.models.predictor import load as _load
 
     return _load(path, device=device, batch_size=batch_size)

@@ -34,19 +34,23 @@ def _expand(images: ImageInput | Sequence[ImageInput]) -> list[Path | np.ndarray
     return items
 
 
-class _Predictor:
-    def __init__(self, model, device: str | torch.device = "cpu", batch_size: int = 64):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.model = model.to(device).eval()
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.input_size = model.input_size
+def check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return batch_size
 
-    @property
-    def info(self) -> dict:
-        return {"task": self.model.task, "arch": self.model.arch, "input_size": self.input_size,
-                "metrics": getattr(self.model, "metrics", {})}
+
+class _BatchPredictor:
+    """Shared input handling: expand inputs, read and resize images, run them in batches.
+
+    Subclasses implement `_run_batch(uint8 NHWC RGB array at the input size) -> outputs`."""
+
+    def __init__(self, input_size: int, batch_size: int = 64):
+        self.batch_size = check_batch_size(batch_size)
+        self.input_size = input_size
+
+    def _run_batch(self, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
     def _load(self, item: Path | np.ndarray) -> np.ndarray:
         from facekd.io.images import read_image, resize_to, to_rgb_uint8
@@ -54,23 +58,37 @@ class _Predictor:
         image = to_rgb_uint8(item) if isinstance(item, np.ndarray) else read_image(item)
         return resize_to(image, (self.input_size, self.input_size))
 
-    def _batches(self, items: list[Path | np.ndarray]) -> Iterator[torch.Tensor]:
+    def _batches(self, items: list[Path | np.ndarray]) -> Iterator[np.ndarray]:
         for start in range(0, len(items), self.batch_size):
-            chunk = np.stack([self._load(item) for item in items[start:start + self.batch_size]])
-            yield self.model.normalize(torch.from_numpy(chunk).to(self.device))
+            yield np.stack([self._load(item) for item in items[start:start + self.batch_size]])
 
-    @torch.inference_mode()
     def _forward(self, images, flip: bool = False) -> np.ndarray:
         items = _expand(images)
         if not items:
             raise FacekdError("no images given")
         outputs = []
         for batch in self._batches(items):
-            out = self.model(batch)
+            out = self._run_batch(batch)
             if flip:
-                out = out + self.model(torch.flip(batch, dims=[3]))
-            outputs.append(out.float().cpu())
-        return torch.cat(outputs).numpy()
+                out = out + self._run_batch(np.ascontiguousarray(batch[:, :, ::-1]))
+            outputs.append(np.asarray(out, dtype=np.float32))
+        return np.concatenate(outputs)
+
+
+class _Predictor(_BatchPredictor):
+    def __init__(self, model, device: str | torch.device = "cpu", batch_size: int = 64):
+        super().__init__(model.input_size, batch_size)
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+
+    @property
+    def info(self) -> dict:
+        return {"task": self.model.task, "arch": self.model.arch, "input_size": self.input_size,
+                "metrics": getattr(self.model, "metrics", {})}
+
+    @torch.inference_mode()
+    def _run_batch(self, batch: np.ndarray) -> np.ndarray:
+        return self.model(self.model.normalize(torch.from_numpy(batch).to(self.device))).float().cpu().numpy()
 
 
 class QualityModel(_Predictor):
@@ -95,7 +113,17 @@ class FaceEmbedder(_Predictor):
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 64):
-    """Load a facekd model file as a `QualityModel` or a `FaceEmbedder`, by its task."""
+    """Load a facekd model file as a `QualityModel` or a `FaceEmbedder`, by its task.
+
+    A `.onnx` file (from `facekd.export.export_onnx`) loads with ONNX Runtime on the CPU as an
+    `OnnxQualityModel` or `OnnxFaceEmbedder` with the same `score`/`embed` API."""
+    if Path(path).suffix.lower() == ".onnx":
+        if torch.device(device).type != "cpu":
+            raise ConfigError(f"{path}: ONNX models run with ONNX Runtime on the CPU; device {device!r} "
+                              "is not supported (load the .safetensors file for other devices)")
+        from facekd.export.runtime import load_onnx
+
+        return load_onnx(path, batch_size=batch_size)
     from facekd.models.artifact import load_model
 
     model = load_model(path, device=device)
