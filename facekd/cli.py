@@ -78,18 +78,108 @@ def cmd_synth_quality(args: argparse.Namespace) -> int:
 
 # --- demo --------------------------------------------------------------------------------------
 
+DEMO_QUALITY = {"labeled": 800, "unlabeled": 1600, "test": 500}
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    from facekd.config import load_config
+    from facekd.quality.config import QualityRunConfig, data_overrides
+    from facekd.quality.pipeline import QualityPipeline, format_report_table
     from facekd.synth import generate_identities, generate_quality
+    from facekd.synth.datasets import existing_dataset
 
     out = Path(args.out)
     progress = _progress(args)
-    quality = generate_quality(out / "quality", seed=args.seed, workers=args.workers,
-                               progress=progress, overwrite=args.overwrite)
-    identities = generate_identities(out / "identities", seed=args.seed, workers=args.workers,
-                                     formats=("folder", "rec", "bin"), progress=progress,
-                                     overwrite=args.overwrite)
-    _print_summary(f"Synthetic quality benchmark → {out / 'quality'}", quality)
-    _print_summary(f"Synthetic identity benchmark → {out / 'identities'}", identities)
+    quality_data = out / "quality_data"
+    settings = dict(seed=args.seed, **DEMO_QUALITY)
+    if not existing_dataset(quality_data, kind="quality", **settings) or args.overwrite:
+        generate_quality(quality_data, workers=args.workers, progress=progress, overwrite=args.overwrite, **settings)
+    if not existing_dataset(out / "identities", kind="identities", seed=args.seed) or args.overwrite:
+        generate_identities(out / "identities", seed=args.seed, workers=args.workers,
+                            formats=("folder", "rec", "bin"), progress=progress, overwrite=args.overwrite)
+    config = load_config(Path(__file__).parent / "configs" / "quality" / "demo.yaml", QualityRunConfig,
+                         overrides=data_overrides(quality_data) + [f"teacher_train.seed={args.seed}",
+                                                                    f"student_train.seed={args.seed}"])
+    report = QualityPipeline(config, out / "quality", progress=progress).run(force=("t0",) if args.overwrite else ())
+    console = _console()
+    console.print(format_report_table(report))
+    console.print(f"quality run: {out / 'quality'} (report.json, models, pseudo-labels); "
+                  f"synthetic data: {quality_data}, {out / 'identities'}")
+    return 0
+
+
+# --- quality -----------------------------------------------------------------------------------
+
+def _quality_config(args: argparse.Namespace):
+    from facekd.config import load_config
+    from facekd.quality.config import QualityRunConfig, data_overrides
+
+    overrides = (data_overrides(args.data) if args.data else []) + list(args.set or [])
+    return load_config(args.config, QualityRunConfig, overrides=overrides)
+
+
+def cmd_quality_run(args: argparse.Namespace) -> int:
+    from facekd.quality.pipeline import QualityPipeline, format_report_table
+
+    report = QualityPipeline(_quality_config(args), args.out, progress=_progress(args)).run(force=args.force or ())
+    _console().print(format_report_table(report))
+    _console().print(f"report: {Path(args.out) / 'report.json'}")
+    return 0
+
+
+def cmd_quality_train(args: argparse.Namespace) -> int:
+    from facekd.quality.pipeline import QualityPipeline, format_report_table
+
+    report = QualityPipeline(_quality_config(args), args.out, progress=_progress(args)).train_single(args.model)
+    _console().print(format_report_table(report))
+    return 0
+
+
+def cmd_quality_eval(args: argparse.Namespace) -> int:
+    from facekd.quality.evaluate import evaluate_model
+
+    report = evaluate_model(args.model, args.test, out=args.out, batch_size=args.batch_size, progress=_progress(args))
+    if args.json:
+        _print_json(report)
+    else:
+        _print_summary(f"{args.model} on {args.test}", report["metrics"])
+    return 0
+
+
+def cmd_quality_pseudo_label(args: argparse.Namespace) -> int:
+    from facekd.quality.evaluate import pseudo_label_files
+
+    summary = pseudo_label_files(args.model, args.images, args.out, labeled=args.labeled,
+                                 confidence=args.confidence, batch_size=args.batch_size, progress=_progress(args))
+    _print_summary(f"pseudo-labels → {args.out}", summary)
+    return 0
+
+
+def cmd_quality_score(args: argparse.Namespace) -> int:
+    import facekd
+    from facekd.quality.scoring import score_files
+
+    model_path = Path(args.model)
+    if args.onnx and model_path.suffix != ".onnx":
+        from facekd.export import export_onnx
+
+        onnx_path = model_path.with_suffix(".onnx")
+        if not onnx_path.is_file() or onnx_path.stat().st_mtime < model_path.stat().st_mtime:
+            export_onnx(model_path, onnx_path)
+        model_path = onnx_path
+    model = facekd.load(model_path, batch_size=args.batch_size)
+    summary = score_files(model, args.paths, Path(args.out), batch_size=args.batch_size, strict=args.strict,
+                          resume=args.resume, progress=_progress(args))
+    _print_summary(f"scores → {args.out}", vars(summary) if hasattr(summary, "__dict__") else dict(summary))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from facekd.export import export_onnx
+
+    report = export_onnx(args.model, args.out, opset=args.opset)
+    _print_summary(f"ONNX export → {args.out}", vars(report))
+    _console().print(f"ONNX Runtime matches torch: max abs difference {report.max_abs_diff:.2e} (< 1e-4)")
     return 0
 
 
@@ -166,6 +256,65 @@ def build_parser() -> argparse.ArgumentParser:
     qual.add_argument("--size", type=int, default=None, help="image side in pixels (default: 128)")
     _add_generation(qual)
     qual.set_defaults(func=cmd_synth_quality)
+
+    quality = commands.add_parser("quality", help="face image quality: pipeline, training, scoring")
+    quality_commands = quality.add_subparsers(dest="quality_command", metavar="STEP", required=True)
+
+    def config_args(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("config", help="YAML config (see configs/quality/)")
+        parser.add_argument("--out", required=True, help="run folder")
+        parser.add_argument("--data", help="folder with labeled.csv, test.csv, unlabeled_1.txt, unlabeled_2.txt")
+        parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+        _add_common(parser)
+
+    run = quality_commands.add_parser("run", help="T0 → pseudo(U1) → T1 → pseudo(U2) → student, plus control")
+    config_args(run)
+    run.add_argument("--force", action="append", metavar="STAGE",
+                     help="redo this stage (and what depends on it): t0, pseudo_u1, t1, pseudo_u2, student, control")
+    run.set_defaults(func=cmd_quality_run)
+
+    train = quality_commands.add_parser("train", help="train one model of a config on the labeled set")
+    config_args(train)
+    train.add_argument("--model", choices=("teacher", "student"), default="teacher")
+    train.set_defaults(func=cmd_quality_train)
+
+    pseudo = quality_commands.add_parser("pseudo-label", help="label images with a model's MOS predictions")
+    pseudo.add_argument("model", help="model file")
+    pseudo.add_argument("images", nargs="+", help="images, folders or list files")
+    pseudo.add_argument("--out", required=True, help="CSV to write (path,mos,weight)")
+    pseudo.add_argument("--labeled", help="MOS CSV to fit the 4-parameter logistic that maps scores to MOS")
+    pseudo.add_argument("--confidence", choices=("none", "flip"), default="none")
+    pseudo.add_argument("--batch-size", type=int, default=64)
+    _add_common(pseudo)
+    pseudo.set_defaults(func=cmd_quality_pseudo_label)
+
+    evaluate = quality_commands.add_parser("eval", help="SRCC/PLCC/KRCC/RMSE of a model on a MOS CSV")
+    evaluate.add_argument("model", help="model file (.safetensors or .onnx)")
+    evaluate.add_argument("test", help="MOS CSV (path,mos)")
+    evaluate.add_argument("--out", help="also write this report.json")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--json", action="store_true", help="print JSON")
+    _add_common(evaluate)
+    evaluate.set_defaults(func=cmd_quality_eval)
+
+    score = quality_commands.add_parser("score", help="score images, folders or list files into a CSV")
+    score.add_argument("model", help="model file (.safetensors, or .onnx for ONNX Runtime)")
+    score.add_argument("paths", nargs="+", help="images, folders (recursive) or list files")
+    score.add_argument("--out", required=True, help="scores CSV (path,score); bad images go to <out>.errors.csv")
+    score.add_argument("--strict", action="store_true", help="stop at the first bad image instead of skipping it")
+    score.add_argument("--resume", action="store_true", help="score only what an interrupted run left")
+    score.add_argument("--batch-size", type=int, default=64)
+    score.add_argument("--onnx", action="store_true",
+                       help="run with ONNX Runtime (a .safetensors model is exported beside it first, checked)")
+    _add_common(score)
+    score.set_defaults(func=cmd_quality_score)
+
+    export = commands.add_parser("export", help="export a model file to ONNX (checked against torch)")
+    export.add_argument("model", help="model file (.safetensors)")
+    export.add_argument("--out", required=True, help="ONNX file to write")
+    export.add_argument("--opset", type=int, default=17)
+    _add_common(export)
+    export.set_defaults(func=cmd_export)
 
     models = commands.add_parser("models", help="architectures with params, GFLOPs and CPU speed")
     models.add_argument("--arch", action="append", help="only this architecture (repeatable)")

@@ -305,3 +305,63 @@ def test_special_files_are_refused_without_reading(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(DataError, match="labels.csv: is not a regular file"):
         read_mos_csv(fifo)
+
+
+# --------------------------------------------------------------------------- MOS CSV weights
+
+
+def test_mos_csv_weight_column_round_trip_and_default(tmp_path):
+    a, b = touch(tmp_path / "a.png"), touch(tmp_path / "b.png")
+    csv_path = tmp_path / "pseudo.csv"
+    write_mos_csv(csv_path, [(a, 2.5, 0.125), LabeledImage(b, 1.0, 1.0)])
+    assert csv_path.read_text().splitlines() == ["path,mos,weight", "a.png,2.5,0.125", "b.png,1.0,1.0"]
+    assert read_mos_csv(csv_path) == [LabeledImage(a, 2.5, 0.125), LabeledImage(b, 1.0)]
+    assert [r.weight for r in read_mos_csv(csv_path, weight_column=None)] == [1.0, 1.0]
+    # all weights 1: no weight column unless asked for
+    write_mos_csv(csv_path, [(a, 2.5), (b, 1.0, 1.0)])
+    assert csv_path.read_text().splitlines()[0] == "path,mos"
+    write_mos_csv(csv_path, [(a, 2.5)], weight_column=True)
+    assert csv_path.read_text().splitlines() == ["path,mos,weight", "a.png,2.5,1.0"]
+    # another column name
+    write(csv_path, "path,mos,conf\na.png,1,0.5\n")
+    assert read_mos_csv(csv_path, weight_column="conf")[0].weight == 0.5
+    assert read_mos_csv(csv_path)[0].weight == 1.0
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("path,mos,weight\na.png,1,\n", "line 2: missing weight"),
+    ("path,mos,weight\na.png,1,heavy\n", "line 2: weight 'heavy' is not a number"),
+    ("path,mos,weight\na.png,1,-0.5\n", "line 2: weight '-0.5' must be a finite number >= 0"),
+    ("path,mos,weight\na.png,1,nan\n", "line 2: weight 'nan' must be a finite number >= 0"),
+    ("path,mos,weight\na.png,1\n", "line 2: expected 3 fields, got 2"),
+    ("path,mos,weight,weight\na.png,1,1,1\n", "column 'weight' appears twice"),
+])
+def test_read_mos_csv_weight_errors(tmp_path, text, expected):
+    csv_path = write(tmp_path / "labels.csv", text)
+    with pytest.raises(DataError) as info:
+        read_mos_csv(csv_path, check_files=False)
+    assert str(csv_path) in str(info.value) and expected in str(info.value)
+
+
+def test_write_mos_csv_refuses_bad_or_lost_weights(tmp_path):
+    a = touch(tmp_path / "a.png")
+    with pytest.raises(DataError, match="row 2: weight -1.0 must be >= 0"):
+        write_mos_csv(tmp_path / "w.csv", [(a, 1.0), (a, 1.0, -1.0)])
+    with pytest.raises(DataError, match="row 1: weight inf is not a finite number"):
+        write_mos_csv(tmp_path / "w.csv", [(a, 1.0, math.inf)])
+    with pytest.raises(DataError, match="row 1: weight 0.5 would be lost"):
+        write_mos_csv(tmp_path / "w.csv", [(a, 1.0, 0.5)], weight_column=False)
+    with pytest.raises(DataError, match=r"row 1: expected \(path, mos\)"):
+        write_mos_csv(tmp_path / "w.csv", [(a,)])
+    assert not (tmp_path / "w.csv").exists()
+
+
+def test_resolve_inputs_can_leave_missing_files_to_the_caller(tmp_path):
+    a = touch(tmp_path / "a.png")
+    listing = write(tmp_path / "l.txt", "a.png\ngone.png\n")
+    with pytest.raises(DataError, match="1 referenced image"):
+        resolve_inputs([listing])
+    assert resolve_inputs([listing, tmp_path / "other.jpg"], check_files=False) == [
+        a, tmp_path / "gone.png", tmp_path / "other.jpg"]
+    with pytest.raises(DataError, match="not found"):  # not an image path: still refused
+        resolve_inputs([tmp_path / "nowhere"], check_files=False)

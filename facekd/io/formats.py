@@ -116,10 +116,12 @@ def _is_hidden(name: str) -> bool:
 
 @dataclass(frozen=True)
 class LabeledImage:
-    """One row of a quality-label CSV."""
+    """One row of a quality-label CSV; `weight` (default 1.0) is a per-sample loss weight, e.g. the
+    confidence of a pseudo-label."""
 
     path: Path
     mos: float
+    weight: float = 1.0
 
 
 def _parse_mos(csv_path: Path, line: int, text: str) -> float:
@@ -135,8 +137,25 @@ def _parse_mos(csv_path: Path, line: int, text: str) -> float:
     return value
 
 
-def read_mos_csv(path: PathLike, check_files: bool = True) -> list[LabeledImage]:
-    """Rows of a CSV with a header holding columns `path` and `mos` (others are ignored)."""
+def _parse_weight(csv_path: Path, line: int, column: str, text: str) -> float:
+    text = text.strip()
+    if not text:
+        raise line_error(csv_path, line, f"missing {column}")
+    try:
+        value = float(text)
+    except ValueError:
+        raise line_error(csv_path, line, f"{column} {text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise line_error(csv_path, line, f"{column} {text!r} must be a finite number >= 0")
+    return value
+
+
+def read_mos_csv(path: PathLike, check_files: bool = True,
+                 weight_column: str | None = "weight") -> list[LabeledImage]:
+    """Rows of a CSV with a header holding columns `path` and `mos` (others are ignored).
+
+    When the header also holds `weight_column` (default "weight"; None to ignore it), its values
+    (finite, >= 0) become `LabeledImage.weight`; otherwise every weight is 1.0."""
     path = Path(path)
     text = read_text(path, "CSV file")
     if not text.strip():
@@ -157,6 +176,13 @@ def read_mos_csv(path: PathLike, check_files: bool = True) -> list[LabeledImage]
         raise line_error(path, reader.line_num,
                          f"header lacks column(s) {', '.join(missing)} (found: {', '.join(header)})")
     path_col, mos_col = names.index("path"), names.index("mos")
+    weight_name = weight_column.strip().lower() if weight_column else None
+    if weight_name in ("path", "mos"):
+        raise ValueError(f"weight_column must differ from 'path' and 'mos', got {weight_column!r}")
+    if weight_name is not None and names.count(weight_name) > 1:
+        raise line_error(path, reader.line_num, f"column {weight_name!r} appears twice in the header")
+    weight_col = names.index(weight_name) if weight_name in names else None
+    needed = max(path_col, mos_col, -1 if weight_col is None else weight_col)
 
     rows: list[LabeledImage] = []
     first_line: dict[Path, int] = {}
@@ -171,17 +197,18 @@ def read_mos_csv(path: PathLike, check_files: bool = True) -> list[LabeledImage]
         line = reader.line_num
         if not record or all(not field.strip() for field in record):
             continue
-        if len(record) <= max(path_col, mos_col):
+        if len(record) <= needed:
             raise line_error(path, line, f"expected {len(header)} fields, got {len(record)}")
         entry = record[path_col].strip()
         if not entry:
             raise line_error(path, line, "empty path")
         mos = _parse_mos(path, line, record[mos_col])
+        weight = 1.0 if weight_col is None else _parse_weight(path, line, weight_name, record[weight_col])
         image = resolve_relative(path, entry)
         if image in first_line:
             raise line_error(path, line, f"duplicate path {entry!r} (first on line {first_line[image]})")
         first_line[image] = line
-        rows.append(LabeledImage(image, mos))
+        rows.append(LabeledImage(image, mos, weight))
         entries.append((line, image))
     if not rows:
         raise DataError(path, "no rows after the header")
@@ -190,26 +217,54 @@ def read_mos_csv(path: PathLike, check_files: bool = True) -> list[LabeledImage]
     return rows
 
 
-def write_mos_csv(path: PathLike, rows: Iterable[tuple[PathLike, float]],
-                  relative_to: PathLike | None = None) -> None:
-    """Write a `path,mos` CSV atomically. Relative input paths are taken relative to
-    `relative_to` (default: the current folder); see the module doc for how paths are stored."""
+def _finite(path: Path, number: int, name: str, value: object, minimum: float | None = None) -> float:
+    try:
+        result = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise DataError(path, f"row {number}: {name} {value!r} is not a number") from None
+    if not math.isfinite(result):
+        raise DataError(path, f"row {number}: {name} {result!r} is not a finite number")
+    if minimum is not None and result < minimum:
+        raise DataError(path, f"row {number}: {name} {result!r} must be >= {minimum}")
+    return result
+
+
+def write_mos_csv(path: PathLike, rows: Iterable[LabeledImage | tuple],
+                  relative_to: PathLike | None = None, weight_column: bool | None = None) -> None:
+    """Write a `path,mos` (or `path,mos,weight`) CSV atomically.
+
+    A row is a `LabeledImage`, a `(path, mos)` or a `(path, mos, weight)` tuple (a missing
+    weight is 1.0; weights must be finite and >= 0). The `weight` column is written when
+    `weight_column` is True, never when False (a weight other than 1.0 is then refused rather
+    than lost), and when None only if some weight differs from 1.0. Relative input paths are
+    taken relative to `relative_to` (default: the current folder); see the module doc for how
+    paths are stored."""
     path = absolute(path)
-    rows = list(rows)
-    if not rows:
+    triples = []
+    for number, row in enumerate(rows, start=1):
+        if isinstance(row, LabeledImage):
+            triples.append((row.path, row.mos, row.weight))
+        elif isinstance(row, (tuple, list)) and len(row) in (2, 3):
+            triples.append((row[0], row[1], row[2] if len(row) == 3 else 1.0))
+        else:
+            raise DataError(path, f"row {number}: expected (path, mos) or (path, mos, weight), got {row!r}")
+    if not triples:
         raise DataError(path, "no rows to write")
-    images = list(_input_paths((image for image, _ in rows), relative_to))
+    values = []
+    for number, (_, mos, weight) in enumerate(triples, start=1):
+        values.append((_finite(path, number, "mos", mos), _finite(path, number, "weight", weight, 0.0)))
+    with_weight = any(w != 1.0 for _, w in values) if weight_column is None else bool(weight_column)
+    if not with_weight:
+        for number, (_, weight) in enumerate(values, start=1):
+            if weight != 1.0:
+                raise DataError(path, f"row {number}: weight {weight!r} would be lost (weight_column=False)")
+    images = list(_input_paths((image for image, _, _ in triples), relative_to))
     with atomic_write(path, "w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["path", "mos"])
-        for number, (image, (_, mos)) in enumerate(zip(images, rows), start=1):
-            try:
-                value = float(mos)
-            except (TypeError, ValueError):
-                raise DataError(path, f"row {number}: mos {mos!r} is not a number") from None
-            if not math.isfinite(value):
-                raise DataError(path, f"row {number}: mos {value!r} is not a finite number")
-            writer.writerow([portable_path(image, path.parent), repr(value)])
+        writer.writerow(["path", "mos", "weight"] if with_weight else ["path", "mos"])
+        for image, (mos, weight) in zip(images, values):
+            text = portable_path(image, path.parent)
+            writer.writerow([text, repr(mos), repr(weight)] if with_weight else [text, repr(mos)])
 
 
 # --------------------------------------------------------------------------- image lists
@@ -288,10 +343,12 @@ def list_images(folder: PathLike, recursive: bool = True) -> list[Path]:
     return images
 
 
-def resolve_inputs(items: Sequence[PathLike]) -> list[Path]:
+def resolve_inputs(items: Sequence[PathLike], check_files: bool = True) -> list[Path]:
     """Image paths from CLI-style inputs: image files, image lists (.txt/.lst) or folders.
 
-    Duplicates are dropped, first occurrence kept."""
+    Duplicates are dropped, first occurrence kept. With `check_files=False`, entries of image
+    lists and named paths with an image extension are returned even when no such file exists
+    (batch jobs then report them per image instead of refusing the whole input)."""
     if not items:
         raise DataError("inputs", "no image paths, lists or folders given")
     seen: set[Path] = set()
@@ -301,13 +358,15 @@ def resolve_inputs(items: Sequence[PathLike]) -> list[Path]:
         if item_path.is_dir():
             images = list_images(item_path)
         elif not item_path.exists():
-            raise DataError(item_path, "not found")
+            if check_files or item_path.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise DataError(item_path, "not found")
+            images = [absolute(item_path)]
         else:
             suffix = item_path.suffix.lower()
             if suffix in IMAGE_EXTENSIONS:
                 images = [absolute(item_path)]
             elif suffix in LIST_EXTENSIONS:
-                images = read_image_list(item_path)
+                images = read_image_list(item_path, check_files=check_files)
             else:
                 raise DataError(item_path, "not an image ({}), an image list (.txt, .lst) or a folder"
                                 .format(" ".join(IMAGE_EXTENSIONS)))

@@ -147,6 +147,17 @@ def _write_manifest(folder: Path, settings: dict) -> None:
     (folder / "synth.json").write_text(text + "\n", encoding="utf-8")
 
 
+def existing_dataset(folder: str | os.PathLike, **settings: object) -> bool:
+    """Whether `folder` already holds a complete dataset generated with these settings (its
+    `synth.json` records them), so a caller such as `facekd demo` can reuse it."""
+    manifest = Path(folder) / "synth.json"
+    try:
+        recorded = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return all(recorded.get(key) == value for key, value in settings.items())
+
+
 # ---------------------------------------------------------------------------------------------
 # identities
 

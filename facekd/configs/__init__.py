@@ -1,0 +1,1 @@
+"""Ready YAML configs shipped with facekd (also reachable as configs/ in the repository)."""

@@ -1,0 +1,307 @@
+"""The FIQA pipeline of "Efficient Face Image Quality Assessment via Self-Training and Knowledge
+Distillation" (Sun et al., ICCV 2025 VQualA winner), with a control student beside it.
+
+Stages, each writing into RUN_DIR/<stage>/:
+  t0         teacher T0 on the labeled set L
+  pseudo_u1  T0 pseudo-labels U1 (raw predictions → MOS by a logistic fitted on L)
+  t1         enhanced teacher T1 on L ∪ pseudo_T0(U1)            (self-training)
+  pseudo_u2  T1 pseudo-labels U2
+  student    student S on L ∪ pseudo_T0(U1) ∪ pseudo_T1(U2)       (distillation)
+  control    the same student architecture and schedule on L alone
+
+A stage is skipped when its `stage.json` records the same fingerprint (its settings and the
+fingerprints of what it reads); a stage killed while training resumes from its checkpoint;
+`force` redoes named stages, and every stage that depends on a redone one follows."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from facekd.config import config_to_dict
+from facekd.errors import ConfigError, FacekdError
+from facekd.io.atomic import atomic_write_text
+from facekd.progress import Progress
+from facekd.quality.config import STAGES, ModelChoice, QualityRunConfig
+
+CHALLENGE_MAX_GFLOPS = 0.5
+CHALLENGE_MAX_PARAMS = 5_000_000
+MODEL_FILE = "model.safetensors"
+PSEUDO_FILE = "pseudo_labels.csv"
+_DEPENDS = {"t0": (), "pseudo_u1": ("t0",), "t1": ("pseudo_u1",), "pseudo_u2": ("t1",),
+            "student": ("pseudo_u1", "pseudo_u2"), "control": ()}
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    """Content hash of a file, or of a folder's sorted (name, size, mtime) listing."""
+    hasher = hashlib.sha256()
+    if path.is_dir():
+        for item in sorted(p for p in path.rglob("*") if p.is_file()):
+            stat = item.stat()
+            hasher.update(f"{item.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    else:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                hasher.update(block)
+    return hasher.hexdigest()[:16]
+
+
+@dataclass
+class StageResult:
+    name: str
+    fingerprint: str  # of what the stage was asked to do
+    skipped: bool
+    outputs: dict[str, str]
+    info: dict[str, Any]
+    output_digest: str = ""  # of what it produced: what downstream stages depend on
+
+
+class QualityPipeline:
+    """Runs the stages of one config into one run folder (see the module docstring)."""
+
+    def __init__(self, config: QualityRunConfig, out_dir: str | Path, progress: Progress | None = None):
+        if config.data is None:
+            raise ConfigError("data: missing; give the labeled/test CSVs and the two unlabeled lists "
+                              "(e.g. --data DIR for a `facekd synth quality` folder)")
+        self.config = config
+        self.out = Path(out_dir)
+        self.progress = progress or Progress()
+        self.results: dict[str, StageResult] = {}
+        self._test_cache: dict[tuple, Any] = {}
+
+    # ------------------------------------------------------------------ orchestration
+
+    def run(self, force: Sequence[str] = ()) -> dict[str, Any]:
+        unknown = sorted(set(force) - set(STAGES))
+        if unknown:
+            raise ConfigError(f"--force: unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
+        self.out.mkdir(parents=True, exist_ok=True)
+        data = self.config.data
+        self._digest_data()
+        runners: dict[str, Callable[[], tuple[dict[str, str], dict[str, Any]]]] = {
+            "t0": lambda: self._train_stage("t0", self.config.teacher, teacher=True, pseudo=()),
+            "pseudo_u1": lambda: self._pseudo_stage("pseudo_u1", "t0", data.unlabeled_1),
+            "t1": lambda: self._train_stage("t1", self.config.teacher, teacher=True, pseudo=("pseudo_u1",)),
+            "pseudo_u2": lambda: self._pseudo_stage("pseudo_u2", "t1", data.unlabeled_2),
+            "student": lambda: self._train_stage("student", self.config.student, teacher=False,
+                                                 pseudo=("pseudo_u1", "pseudo_u2")),
+            "control": lambda: self._train_stage("control", self.config.student, teacher=False, pseudo=()),
+        }
+        for name in STAGES:
+            if name == "control" and not self.config.control:
+                continue
+            self._run_stage(name, runners[name], forced=name in force)
+        report = self.report()
+        atomic_write_text(self.out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+        return report
+
+    def train_single(self, which: str = "teacher") -> dict[str, Any]:
+        """Train one model (the config's teacher or student) on the labeled set alone, evaluate it
+        on the test set, and write `<out>/model.safetensors` and `<out>/report.json`."""
+        self._digest_data()
+        choice = self.config.teacher if which == "teacher" else self.config.student
+        outputs, info = self._train_stage(which, choice, teacher=which == "teacher", pseudo=(), folder=self.out)
+        self.results[which] = StageResult(which, "", False, outputs, info)
+        report = self.report()
+        atomic_write_text(self.out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+        return report
+
+    def _digest_data(self) -> None:
+        data = self.config.data
+        self.data_digest = {key: _file_digest(Path(getattr(data, key)))
+                            for key in ("labeled", "test", "unlabeled_1", "unlabeled_2")}
+
+    def _fingerprint(self, name: str) -> str:
+        cfg = self.config
+        model = cfg.student if name in ("student", "control") else cfg.teacher
+        train = cfg.student_train if name in ("student", "control") else cfg.teacher_train
+        settings: dict[str, Any] = {"stage": name, "data": self.data_digest}
+        if name.startswith("pseudo"):
+            settings["pseudo"] = config_to_dict(cfg.pseudo)
+        else:
+            settings.update(model=config_to_dict(model), train=config_to_dict(train), loss=config_to_dict(cfg.loss),
+                            eval_batch_size=cfg.eval_batch_size)
+        settings["upstream"] = {dep: self.results[dep].output_digest for dep in _DEPENDS[name]}
+        return _digest(settings)
+
+    def _run_stage(self, name: str, runner, forced: bool) -> None:
+        folder = self.out / name
+        marker = folder / "stage.json"
+        fingerprint = self._fingerprint(name)
+        if marker.is_file() and not forced:
+            done = json.loads(marker.read_text())
+            if done.get("fingerprint") == fingerprint and all((self.out / p).exists() for p in done["outputs"].values()):
+                self.results[name] = StageResult(name, fingerprint, True, done["outputs"], done.get("info", {}),
+                                                 done.get("output_digest", ""))
+                self.progress.log(f"{name}: up to date, skipped")
+                return
+        started = folder / "started.json"
+        if forced or (started.is_file() and json.loads(started.read_text()).get("fingerprint") != fingerprint) \
+                or marker.is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # stale or forced: start this stage over
+        folder.mkdir(parents=True, exist_ok=True)
+        if not started.is_file():
+            atomic_write_text(started, json.dumps({"fingerprint": fingerprint}) + "\n")
+        self.progress.log(f"{name}: running")
+        outputs, info = runner()
+        digest = _digest({key: _file_digest(self.out / path) for key, path in sorted(outputs.items())})
+        self.results[name] = StageResult(name, fingerprint, False, outputs, info, digest)
+        atomic_write_text(marker, json.dumps({"fingerprint": fingerprint, "output_digest": digest, "outputs": outputs,
+                                              "info": info}, indent=2, default=str) + "\n")
+
+    # ------------------------------------------------------------------ stages
+
+    def _samples(self, pseudo: Sequence[str]):
+        from facekd.quality.data import from_csv
+
+        samples = list(from_csv(self.config.data.labeled))
+        for stage in pseudo:
+            samples += from_csv(self.out / self.results[stage].outputs["labels"])
+        return samples
+
+    def _test_set(self, model):
+        from facekd.quality.data import QualityDataset, from_csv
+
+        key = (model.input_size, json.dumps(model.normalization, sort_keys=True))
+        if key not in self._test_cache:
+            dataset = QualityDataset(from_csv(self.config.data.test), model.input_size, model.normalization,
+                                     train=False, progress=self.progress)
+            mos = np.asarray(dataset.mos, dtype=np.float64)
+            self._test_cache[key] = (dataset, mos)
+        return self._test_cache[key]
+
+    def _evaluate(self, model) -> dict[str, float]:
+        from facekd.quality.metrics import quality_metrics
+        from facekd.quality.pseudo import predict
+
+        dataset, mos = self._test_set(model)
+        return quality_metrics(predict(model, dataset, batch_size=self.config.eval_batch_size), mos)
+
+    def _train_stage(self, name: str, choice: ModelChoice, teacher: bool, pseudo: Sequence[str],
+                     folder: Path | None = None):
+        from facekd.engine import Trainer
+        from facekd.losses.quality import QualityLoss
+        from facekd.models import build_model
+        from facekd.models.artifact import save_model
+        from facekd.quality.data import QualityDataset
+
+        train_cfg = self.config.teacher_train if teacher else self.config.student_train
+        try:
+            model = build_model(choice.arch, input_size=choice.input_size, **choice.options)
+        except FacekdError as error:
+            raise ConfigError(f"{'teacher' if teacher else 'student'}: {error}") from None
+        samples = self._samples(pseudo)
+        dataset = QualityDataset(samples, model.input_size, model.normalization, train=True, progress=self.progress)
+        _start_at(model, float(np.average(dataset.mos, weights=dataset.weights)))
+        errors = [{"path": str(p), "reason": r} for p, r in getattr(dataset, "errors", [])]
+        folder = folder or self.out / name
+        result = Trainer(train_cfg, folder / "train", progress=self.progress,
+                         extra_config={"stage": name, "model": config_to_dict(choice), "data": self.data_digest,
+                                       "pseudo": [self.results[p].output_digest for p in pseudo]}).fit(
+            model, QualityLoss(weights=self.config.loss.as_dict(), plcc_form=self.config.loss.plcc_form), dataset,
+            evaluate=self._evaluate)
+        metrics = result.metrics or self._evaluate(model)
+        path = folder / MODEL_FILE
+        save_model(model, path, training_config={"stage": name, "model": config_to_dict(choice),
+                                                 "train": config_to_dict(train_cfg),
+                                                 "loss": config_to_dict(self.config.loss)},
+                   metrics=metrics)
+        info = {"test": metrics, "train_images": len(dataset), "skipped_images": errors,
+                "precision": result.precision, "steps": result.steps}
+        return {"model": str(path.relative_to(self.out))}, info
+
+    def _pseudo_stage(self, name: str, teacher_stage: str, unlabeled: Path):
+        from facekd.models.artifact import load_model
+        from facekd.quality.data import QualityDataset, from_csv
+        from facekd.quality.metrics import ScaleMap
+        from facekd.quality.pseudo import predict, pseudo_label, write_pseudo_labels
+
+        teacher = load_model(self.out / self.results[teacher_stage].outputs["model"])
+        labeled = QualityDataset(from_csv(self.config.data.labeled), teacher.input_size, teacher.normalization,
+                                 train=False, progress=self.progress)
+        labeled_mos = np.asarray(labeled.mos, dtype=np.float64)
+        raw = predict(teacher, labeled, batch_size=self.config.pseudo.batch_size)
+        scale = ScaleMap.fit(raw, labeled_mos)
+        samples, errors = pseudo_label(teacher, [unlabeled], scale, batch_size=self.config.pseudo.batch_size,
+                                       confidence=self.config.pseudo.confidence,
+                                       mos_range=(float(labeled_mos.min()), float(labeled_mos.max())),
+                                       progress=self.progress)
+        path = self.out / name / PSEUDO_FILE
+        write_pseudo_labels(path, samples)
+        mos = np.array([s.mos for s in samples])
+        info = {"images": len(samples), "skipped_images": [{"path": str(p), "reason": r} for p, r in errors],
+                "scale_map": scale.to_dict(), "mos_mean": float(mos.mean()), "mos_std": float(mos.std())}
+        return {"labels": str(path.relative_to(self.out))}, info
+
+    # ------------------------------------------------------------------ report
+
+    def report(self) -> dict[str, Any]:
+        from facekd.models.artifact import load_model
+        from facekd.models.cost import count_flops, count_params, measure_latency
+
+        rows = {}
+        labels = (("t0", "T0"), ("t1", "T1"), ("student", "S"), ("control", "control"), ("teacher", "teacher"))
+        for name, label in labels:
+            if name not in self.results:
+                continue
+            model = load_model(self.out / self.results[name].outputs["model"])
+            timing = measure_latency(model, model.input_size, batch=1, warmup=2, min_time_s=0.3, max_time_s=1.5)
+            rows[label] = {
+                "arch": model.arch, "input_size": model.input_size, **self.results[name].info["test"],
+                "params": count_params(model), "gflops": count_flops(model, model.input_size) / 1e9,
+                "cpu_ms_per_image": timing["median_ms"],
+            }
+        student = rows.get("S")
+        limit = None
+        if student is not None:
+            limit = {"max_gflops": CHALLENGE_MAX_GFLOPS, "max_params": CHALLENGE_MAX_PARAMS,
+                     "gflops": student["gflops"], "params": student["params"],
+                     "within": student["gflops"] <= CHALLENGE_MAX_GFLOPS and student["params"] <= CHALLENGE_MAX_PARAMS}
+        return {
+            "pipeline": "quality", "run_dir": str(self.out), "models": rows, "challenge_limit": limit,
+            "stages": {name: {"skipped": r.skipped, "outputs": r.outputs,
+                              **{k: v for k, v in r.info.items() if k != "test"}}
+                       for name, r in self.results.items()},
+            "config": config_to_dict(self.config),
+        }
+
+
+def _start_at(model, mean_mos: float) -> None:
+    """Start the score at the training set's mean MOS (output bias): the regression then learns
+    the ranking from the first step instead of first climbing to the MOS scale."""
+    import torch
+
+    last = [m for m in model.head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.bias.fill_(mean_mos)
+
+
+def format_report_table(report: dict[str, Any]):
+    """A rich table of the models of a quality report (metrics, size, speed, limit check)."""
+    from rich.table import Table
+
+    table = Table(title="Quality pipeline — test set (GFLOPs = multiply-adds)")
+    for column in ("Model", "Arch", "Input", "SRCC", "PLCC", "PLCC(log)", "KRCC", "RMSE", "(SRCC+PLCC)/2",
+                   "Params M", "GFLOPs", "CPU ms/img"):
+        table.add_column(column, justify="left" if column in ("Model", "Arch") else "right", no_wrap=True)
+    for label, row in report["models"].items():
+        table.add_row(label, row["arch"], str(row["input_size"]), f"{row['srcc']:.4f}", f"{row['plcc']:.4f}",
+                      f"{row['plcc_logistic']:.4f}", f"{row['krcc']:.4f}", f"{row['rmse']:.4f}", f"{row['score']:.4f}",
+                      f"{row['params'] / 1e6:.3f}", f"{row['gflops']:.4f}", f"{row['cpu_ms_per_image']:.2f}")
+    limit = report.get("challenge_limit")
+    if limit:
+        verdict = "within" if limit["within"] else "OUTSIDE"
+        table.caption = (f"Student {verdict} the challenge limit (≤ {limit['max_gflops']} GFLOPs, "
+                         f"≤ {limit['max_params'] / 1e6:g} M params): {limit['gflops']:.3f} G, "
+                         f"{limit['params'] / 1e6:.2f} M")
+    return table

@@ -1,0 +1,123 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from facekd.cli import main
+from facekd.config import load_config
+from facekd.errors import ConfigError
+from facekd.io.formats import read_mos_csv
+from facekd.quality.config import QualityRunConfig, data_overrides
+from facekd.quality.pipeline import QualityPipeline
+from facekd.synth import generate_quality
+
+TINY = """
+teacher: {arch: mobilenetv3_small, input_size: 64}
+student: {arch: mobilenetv3_small, input_size: 64, options: {width_mult: 0.5}}
+teacher_train: {epochs: 1, batch_size: 16, accelerator: cpu, clip_grad_norm: 1.0}
+student_train: {epochs: 1, batch_size: 16, accelerator: cpu, clip_grad_norm: 1.0}
+pseudo: {confidence: flip}
+"""
+
+
+@pytest.fixture(scope="module")
+def quality_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quality")
+    generate_quality(root / "data", labeled=40, unlabeled=24, test=16, size=64, workers=0)
+    (root / "tiny.yaml").write_text(TINY)
+    return root
+
+
+def _config(root):
+    return load_config(root / "tiny.yaml", QualityRunConfig, overrides=data_overrides(root / "data"))
+
+
+def test_pipeline_runs_every_stage_and_reports(quality_data, tmp_path):
+    report = QualityPipeline(_config(quality_data), tmp_path / "run").run()
+    assert set(report["models"]) == {"T0", "T1", "S", "control"}
+    for row in report["models"].values():
+        assert -1 <= row["srcc"] <= 1 and row["params"] > 0 and row["gflops"] > 0 and row["cpu_ms_per_image"] > 0
+    assert report["models"]["S"]["arch"] == report["models"]["control"]["arch"]
+    assert report["challenge_limit"]["within"] is True
+    on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert on_disk["models"]["S"]["srcc"] == report["models"]["S"]["srcc"]
+    labeled = [row.mos for row in read_mos_csv(quality_data / "data" / "labeled.csv")]
+    for stage, count in (("pseudo_u1", 12), ("pseudo_u2", 12)):
+        rows = read_mos_csv(tmp_path / "run" / stage / "pseudo_labels.csv")
+        assert len(rows) == count
+        assert all(min(labeled) <= r.mos <= max(labeled) and 0 < r.weight <= 1 for r in rows)
+    # the student learned from labeled + both pseudo-labeled sets, the control from labeled alone
+    assert report["stages"]["student"]["train_images"] == 40 + 24
+    assert report["stages"]["control"]["train_images"] == 40
+
+
+def test_rerun_skips_and_force_redoes_what_depends(quality_data, tmp_path):
+    out = tmp_path / "run"
+    QualityPipeline(_config(quality_data), out).run()
+    stamp = (out / "t1" / "model.safetensors").stat().st_mtime_ns
+    report = QualityPipeline(_config(quality_data), out).run()
+    assert all(stage["skipped"] for stage in report["stages"].values())
+    report = QualityPipeline(_config(quality_data), out).run(force=["t1"])
+    assert not report["stages"]["t1"]["skipped"]
+    assert (out / "t1" / "model.safetensors").stat().st_mtime_ns != stamp
+    assert report["stages"]["t0"]["skipped"] and report["stages"]["control"]["skipped"]
+    with pytest.raises(ConfigError, match="unknown stage"):
+        QualityPipeline(_config(quality_data), out).run(force=["t2"])
+
+
+def test_a_changed_setting_reruns_the_stages_it_reaches(quality_data, tmp_path):
+    out = tmp_path / "run"
+    QualityPipeline(_config(quality_data), out).run()
+    changed = load_config(quality_data / "tiny.yaml", QualityRunConfig,
+                          overrides=data_overrides(quality_data / "data") + ["student_train.lr=0.002"])
+    report = QualityPipeline(changed, out).run()
+    skipped = {name for name, stage in report["stages"].items() if stage["skipped"]}
+    assert skipped == {"t0", "pseudo_u1", "t1", "pseudo_u2"}
+
+
+def test_missing_data_is_a_config_error(quality_data, tmp_path):
+    config = load_config(quality_data / "tiny.yaml", QualityRunConfig)
+    with pytest.raises(ConfigError, match="data: missing"):
+        QualityPipeline(config, tmp_path / "run")
+
+
+def test_cli_single_steps(quality_data, tmp_path, capsys):
+    data = quality_data / "data"
+    out = tmp_path / "teacher"
+    assert main(["quality", "train", str(quality_data / "tiny.yaml"), "--data", str(data), "--out", str(out),
+                 "-q"]) == 0
+    model = out / "model.safetensors"
+    capsys.readouterr()
+    assert main(["quality", "eval", str(model), str(data / "test.csv"), "--json", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"]["n"] == 16
+    assert main(["quality", "eval", str(model), str(data / "test.csv"), "--out", str(tmp_path / "eval.json"),
+                 "-q"]) == 0
+    metrics = json.loads((tmp_path / "eval.json").read_text())["metrics"]
+    assert set(metrics) >= {"srcc", "plcc", "plcc_logistic", "krcc", "rmse", "score"} and metrics["n"] == 16
+    labels = tmp_path / "pseudo.csv"
+    assert main(["quality", "pseudo-label", str(model), str(data / "unlabeled_1.txt"), "--labeled",
+                 str(data / "labeled.csv"), "--out", str(labels), "-q"]) == 0
+    assert len(read_mos_csv(labels)) == 12
+    # batch scoring: a corrupt image is reported and skipped; ONNX Runtime gives the same scores
+    images = sorted((data / "images" / "test").glob("*.png"))[:5]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    scores = tmp_path / "scores.csv"
+    assert main(["quality", "score", str(model), *map(str, images), str(bad), "--out", str(scores), "-q"]) == 0
+    with open(scores) as handle:
+        torch_scores = {row["path"]: float(row["score"]) for row in csv.DictReader(handle)}
+    assert len(torch_scores) == 5
+    with open(tmp_path / "scores.errors.csv") as handle:
+        errors = list(csv.DictReader(handle))
+    assert len(errors) == 1 and errors[0]["path"].endswith("bad.png")
+    assert main(["quality", "score", str(model), *map(str, images), "--out", str(tmp_path / "onnx.csv"), "--onnx",
+                 "-q"]) == 0
+    assert (out / "model.onnx").is_file()
+    with open(tmp_path / "onnx.csv") as handle:
+        onnx_scores = {row["path"]: float(row["score"]) for row in csv.DictReader(handle)}
+    assert onnx_scores.keys() == torch_scores.keys()
+    np.testing.assert_allclose([onnx_scores[k] for k in torch_scores], list(torch_scores.values()), atol=1e-4)
+    assert main(["quality", "score", str(model), *map(str, images), str(bad), "--out", str(tmp_path / "s.csv"),
+                 "--strict", "-q"]) == 2
+    assert not (tmp_path / "s.csv").exists()
