@@ -342,13 +342,27 @@ def _build_mobilenetv3_small(input_size: int, *, width_mult: float = 1.0, head_h
     return backbone, QualityHead(backbone.out_channels, head_hidden, dropout, head_norm)
 
 
-@register_arch("mobilenetv3_large_050", "quality", 224,
-               "MobileNetV3-Large ×0.5 trunk + quality MLP (student); ~0.85 M params, ~0.064 GFLOPs at 224")
-def _build_mobilenetv3_large_050(input_size: int, *, width_mult: float = 0.5,
-                                 head_hidden: Sequence[int] = (128,), dropout: float = 0.1,
-                                 head_norm: bool = False):
+def _build_mobilenetv3_large(input_size: int, *, width_mult: float, head_hidden: Sequence[int] = (128,),
+                             dropout: float = 0.1, head_norm: bool = False):
     backbone = mobilenetv3("large", width_mult)
     return backbone, QualityHead(backbone.out_channels, head_hidden, dropout, head_norm)
+
+
+@register_arch("mobilenetv3_large_050", "quality", 224,
+               "MobileNetV3-Large ×0.5 trunk + quality MLP (student); ~0.85 M params, ~0.064 GFLOPs at 224")
+def _build_mobilenetv3_large_050(input_size: int, *, width_mult: float = 0.5, head_hidden: Sequence[int] = (128,),
+                                 dropout: float = 0.1, head_norm: bool = False):
+    return _build_mobilenetv3_large(input_size, width_mult=width_mult, head_hidden=head_hidden, dropout=dropout,
+                                    head_norm=head_norm)
+
+
+@register_arch("mobilenetv3_large", "quality", 224,
+               "MobileNetV3-Large trunk + quality MLP (a teacher small enough for CPU demos); "
+               "~3.1 M params, ~0.22 GFLOPs at 224")
+def _build_mobilenetv3_large_100(input_size: int, *, width_mult: float = 1.0, head_hidden: Sequence[int] = (128,),
+                                 dropout: float = 0.1, head_norm: bool = False):
+    return _build_mobilenetv3_large(input_size, width_mult=width_mult, head_hidden=head_hidden, dropout=dropout,
+                                    head_norm=head_norm)
 
 
 @register_arch("edgenext_xxs", "quality", 288,

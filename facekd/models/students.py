@@ -82,7 +82,7 @@ class ConvBNAct(nn.Sequential):
                  activation: type[nn.Module] | None = nn.ReLU):
         layers: list[nn.Module] = [
             nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),
-            nn.BatchNorm2d(out_ch, eps=1e-3, momentum=0.01),
+            nn.BatchNorm2d(out_ch, eps=1e-3),  # momentum 0.1: 0.01 leaves short runs with stale statistics
         ]
         if activation is not None:
             layers.append(activation())
