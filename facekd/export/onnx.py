@@ -28,7 +28,7 @@ from facekd import __version__
 from facekd.errors import ConfigError, DataError, FacekdError
 from facekd.export.runtime import INPUT_NAME, OUTPUT_NAMES, make_session
 from facekd.io.atomic import atomic_write_bytes
-from facekd.models.artifact import FORMAT, FORMAT_VERSION
+from facekd.models.artifact import model_metadata
 from facekd.progress import Progress
 
 DEFAULT_OPSET = 17
@@ -67,20 +67,9 @@ class _UInt8Images(nn.Module):
 
 def onnx_metadata(model) -> dict[str, str]:
     """The facekd metadata of `model` as ONNX `metadata_props` (same keys as a model file)."""
-    described = model.metadata()
-    task = described["task"]
+    task = model.task
     return {
-        "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
-        "task": task,
-        "arch": described["arch"],
-        "input_size": str(described["input_size"]),
-        "options": json.dumps(described["options"], sort_keys=True),
-        "normalization": json.dumps(described["normalization"], sort_keys=True),
-        "embedding_size": "" if described["embedding_size"] is None else str(described["embedding_size"]),
-        "facekd_version": __version__,
-        "training_config": json.dumps(getattr(model, "training_config", None) or {}, sort_keys=True, default=str),
-        "metrics": json.dumps(getattr(model, "metrics", None) or {}, sort_keys=True, default=str),
+        **model_metadata(model, getattr(model, "training_config", None), getattr(model, "metrics", None)),
         "onnx_input": json.dumps({"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "color": "RGB",
                                   "normalized_in_graph": True}),
         "onnx_output": json.dumps({"name": OUTPUT_NAMES[task], "l2_normalized": False}),

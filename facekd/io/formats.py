@@ -16,7 +16,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -87,6 +87,19 @@ def read_text(path: PathLike, what: str = "file") -> str:
         raise DataError(path, f"not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except OSError as exc:
         raise DataError(path, f"cannot read: {exc.strerror or exc}") from None
+
+
+def csv_records(reader, path: PathLike) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of each non-blank record of a csv.reader; malformed CSV is a DataError."""
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise line_error(path, reader.line_num, f"malformed CSV: {exc}") from None
+        if record and any(field.strip() for field in record):
+            yield reader.line_num, record
 
 
 def _check_exist(path: PathLike, entries: Sequence[tuple[int, Path]]) -> None:
@@ -187,16 +200,7 @@ def read_mos_csv(path: PathLike, check_files: bool = True,
     rows: list[LabeledImage] = []
     first_line: dict[Path, int] = {}
     entries: list[tuple[int, Path]] = []
-    while True:
-        try:
-            record = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:
-            raise line_error(path, reader.line_num, f"malformed CSV: {exc}") from None
-        line = reader.line_num
-        if not record or all(not field.strip() for field in record):
-            continue
+    for line, record in csv_records(reader, path):
         if len(record) <= needed:
             raise line_error(path, line, f"expected {len(header)} fields, got {len(record)}")
         entry = record[path_col].strip()

@@ -39,12 +39,10 @@ class ModelInfo:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def save_model(model, path: str | os.PathLike, *, training_config: dict | None = None,
-               metrics: dict | None = None) -> Path:
-    """Write `model` (a FaceModel) and its description to `path` atomically."""
-    path = Path(path)
+def model_metadata(model, training_config: dict | None = None, metrics: dict | None = None) -> dict[str, str]:
+    """The string metadata that describes `model` (a FaceModel) in a model file or an ONNX graph."""
     described = model.metadata()
-    metadata = {
+    return {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "task": described["task"],
@@ -57,6 +55,13 @@ def save_model(model, path: str | os.PathLike, *, training_config: dict | None =
         "training_config": json.dumps(training_config or {}, sort_keys=True, default=str),
         "metrics": json.dumps(metrics or {}, sort_keys=True, default=str),
     }
+
+
+def save_model(model, path: str | os.PathLike, *, training_config: dict | None = None,
+               metrics: dict | None = None) -> Path:
+    """Write `model` (a FaceModel) and its description to `path` atomically."""
+    path = Path(path)
+    metadata = model_metadata(model, training_config, metrics)
     from safetensors.torch import save
 
     tensors = {name: value.detach().to("cpu").contiguous().clone() for name, value in model.state_dict().items()}

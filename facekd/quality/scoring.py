@@ -35,7 +35,7 @@ import numpy as np
 
 from facekd.errors import ConfigError, DataError, FacekdError
 from facekd.io.atomic import atomic_write
-from facekd.io.formats import absolute, line_error, portable_path, read_text, resolve_inputs, resolve_relative
+from facekd.io.formats import absolute, csv_records, line_error, portable_path, read_text, resolve_inputs, resolve_relative
 from facekd.progress import Progress
 from facekd.quality.data import _check_workers, load_one
 
@@ -95,16 +95,7 @@ def read_scores(csv_path: str | os.PathLike) -> dict[Path, float]:
         raise DataError(csv_path, "expected a header with columns path,score")
     path_col, score_col = names.index("path"), names.index("score")
     scores: dict[Path, float] = {}
-    while True:
-        try:
-            record = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:
-            raise line_error(csv_path, reader.line_num, f"malformed CSV: {exc}") from None
-        if not record or all(not field.strip() for field in record):
-            continue
-        line = reader.line_num
+    for line, record in csv_records(reader, csv_path):
         if len(record) <= max(path_col, score_col) or not record[path_col].strip():
             raise line_error(csv_path, line, "expected a path and a score")
         try:
