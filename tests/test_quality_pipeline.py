@@ -121,3 +121,13 @@ def test_cli_single_steps(quality_data, tmp_path, capsys):
     assert main(["quality", "score", str(model), *map(str, images), str(bad), "--out", str(tmp_path / "s.csv"),
                  "--strict", "-q"]) == 2
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_results_do_not_depend_on_what_ran_before(quality_data, tmp_path):
+    import torch
+
+    first = QualityPipeline(_config(quality_data), tmp_path / "a").run()
+    torch.rand(1000)  # disturb the global generators
+    second = QualityPipeline(_config(quality_data), tmp_path / "b").run()
+    for model in ("T0", "T1", "S", "control"):
+        assert first["models"][model]["srcc"] == second["models"][model]["srcc"]

@@ -189,14 +189,15 @@ class QualityPipeline:
 
     def _train_stage(self, name: str, choice: ModelChoice, teacher: bool, pseudo: Sequence[str],
                      folder: Path | None = None):
-        from facekd.engine import Trainer
+        from facekd.engine import Trainer, derive_seed, seed_everything
         from facekd.losses.quality import QualityLoss
         from facekd.models import build_model
         from facekd.models.artifact import save_model
         from facekd.quality.data import QualityDataset
 
         train_cfg = self.config.teacher_train if teacher else self.config.student_train
-        try:
+        seed_everything(derive_seed(train_cfg.seed, STAGES.index(name) if name in STAGES else len(STAGES)))
+        try:  # initial weights: a function of (seed, stage) alone, whatever ran before in this process
             model = build_model(choice.arch, input_size=choice.input_size, **choice.options)
         except FacekdError as error:
             raise ConfigError(f"{'teacher' if teacher else 'student'}: {error}") from None
