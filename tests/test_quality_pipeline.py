@@ -131,3 +131,38 @@ def test_results_do_not_depend_on_what_ran_before(quality_data, tmp_path):
     second = QualityPipeline(_config(quality_data), tmp_path / "b").run()
     for model in ("T0", "T1", "S", "control"):
         assert first["models"][model]["srcc"] == second["models"][model]["srcc"]
+
+
+def test_a_stage_killed_mid_training_resumes_to_the_same_result(quality_data, tmp_path, monkeypatch):
+    from facekd.losses.quality import QualityLoss
+
+    overrides = data_overrides(quality_data / "data") + ["student_train.epochs=2",
+                                                         "student_train.checkpoint_every_steps=1"]
+    config = lambda: load_config(quality_data / "tiny.yaml", QualityRunConfig, overrides=overrides)  # noqa: E731
+    reference = QualityPipeline(config(), tmp_path / "reference").run()
+
+    original = QualityLoss.forward
+    calls = {"n": 0}
+
+    class Killed(Exception):
+        pass
+
+    def dies_in_the_student_stage(self, model, batch):
+        if model.arch == "mobilenetv3_small" and model.options["width_mult"] == 0.5:
+            calls["n"] += 1
+            if calls["n"] == 6:  # second epoch of the student (4 steps an epoch)
+                raise Killed()
+        return original(self, model, batch)
+
+    monkeypatch.setattr(QualityLoss, "forward", dies_in_the_student_stage)
+    with pytest.raises(Killed):
+        QualityPipeline(config(), tmp_path / "run").run()
+    assert (tmp_path / "run" / "student" / "train" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "run" / "student" / "stage.json").exists()
+    monkeypatch.setattr(QualityLoss, "forward", original)
+    resumed = QualityPipeline(config(), tmp_path / "run").run()
+    assert not resumed["stages"]["student"]["skipped"] and resumed["stages"]["t1"]["skipped"]
+    assert resumed["stages"]["student"]["resumed_from_step"] == 5  # not started over
+    for model in ("T0", "T1", "S", "control"):
+        assert resumed["models"][model]["srcc"] == reference["models"][model]["srcc"]
+        assert resumed["models"][model]["rmse"] == reference["models"][model]["rmse"]

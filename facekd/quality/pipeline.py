@@ -218,7 +218,7 @@ class QualityPipeline:
                                                  "loss": config_to_dict(self.config.loss)},
                    metrics=metrics)
         info = {"test": metrics, "train_images": len(dataset), "skipped_images": errors,
-                "precision": result.precision, "steps": result.steps}
+                "precision": result.precision, "steps": result.steps, "resumed_from_step": result.resumed_from_step}
         return {"model": str(path.relative_to(self.out))}, info
 
     def _pseudo_stage(self, name: str, teacher_stage: str, unlabeled: Path):
