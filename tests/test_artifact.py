@@ -96,16 +96,21 @@ def test_bad_model_files(tmp_path, quality):
         facekd.load(pickled)
 
 
-def test_weights_that_do_not_match_their_architecture(tmp_path, quality):
-    path = save_model(quality, tmp_path / "q.safetensors")
+def _with_metadata(path, out, **changes):
+    """A copy of a safetensors file with some metadata values replaced (header rewritten by hand)."""
     data = path.read_bytes()
     header_len = struct.unpack("<Q", data[:8])[0]
     header = json.loads(data[8:8 + header_len])
-    header["__metadata__"]["arch"] = "edgenext_xxs"
+    header["__metadata__"].update(changes)
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
-    bad = tmp_path / "mismatch.safetensors"
-    bad.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + header_len:])
+    out.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + header_len:])
+    return out
+
+
+def test_weights_that_do_not_match_their_architecture(tmp_path, quality):
+    path = save_model(quality, tmp_path / "q.safetensors")
+    bad = _with_metadata(path, tmp_path / "mismatch.safetensors", arch="edgenext_xxs")
     with pytest.raises(DataError, match="do not match architecture 'edgenext_xxs'"):
         facekd.load(bad)
 
@@ -135,14 +140,7 @@ def test_damaged_metadata_and_bad_batch_size(tmp_path, quality):
     from facekd.errors import ConfigError
 
     path = save_model(quality, tmp_path / "q.safetensors")
-    data = path.read_bytes()
-    header_len = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + header_len])
-    header["__metadata__"]["options"] = "[1]"
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
-    bad = tmp_path / "damaged.safetensors"
-    bad.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + header_len:])
+    bad = _with_metadata(path, tmp_path / "damaged.safetensors", options="[1]")
     with pytest.raises(DataError, match="damaged.safetensors: damaged facekd metadata"):
         facekd.load(bad)
     for size in (0, -1, 2.5, True):
