@@ -157,6 +157,7 @@ def cmd_quality_pseudo_label(args: argparse.Namespace) -> int:
 
 def cmd_quality_score(args: argparse.Namespace) -> int:
     import facekd
+    from facekd.io.formats import file_digest
     from facekd.quality.scoring import score_files
 
     model_path = Path(args.model)
@@ -169,8 +170,8 @@ def cmd_quality_score(args: argparse.Namespace) -> int:
         model_path = onnx_path
     model = facekd.load(model_path, batch_size=args.batch_size)
     summary = score_files(model, args.paths, Path(args.out), batch_size=args.batch_size, strict=args.strict,
-                          resume=args.resume, progress=_progress(args))
-    _print_summary(f"scores → {args.out}", vars(summary) if hasattr(summary, "__dict__") else dict(summary))
+                          resume=args.resume, fingerprint=file_digest(model_path), progress=_progress(args))
+    _print_summary(f"scores → {args.out}", summary.to_dict())
     return 0
 
 

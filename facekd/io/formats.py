@@ -10,6 +10,7 @@ file keeps working when its folder is moved together with the images in it.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
 import os
@@ -87,6 +88,21 @@ def read_text(path: PathLike, what: str = "file") -> str:
         raise DataError(path, f"not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except OSError as exc:
         raise DataError(path, f"cannot read: {exc.strerror or exc}") from None
+
+
+def file_digest(path: PathLike) -> str:
+    """Content hash of a file, or of a folder's sorted (name, size, mtime) listing (16 hex)."""
+    path = Path(path)
+    hasher = hashlib.sha256()
+    if path.is_dir():
+        for item in sorted(p for p in path.rglob("*") if p.is_file()):
+            stat = item.stat()
+            hasher.update(f"{item.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    else:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                hasher.update(block)
+    return hasher.hexdigest()[:16]
 
 
 def csv_records(reader, path: PathLike) -> Iterator[tuple[int, list[str]]]:

@@ -35,9 +35,10 @@ def _expand(images: ImageInput | Sequence[ImageInput]) -> list[Path | np.ndarray
 
 
 def check_batch_size(batch_size) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    """`batch_size` as an int if it is a positive integer (Python or numpy), else a ConfigError."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return batch_size
+    return int(batch_size)
 
 
 class _BatchPredictor:

@@ -27,6 +27,7 @@ import numpy as np
 from facekd.config import config_to_dict
 from facekd.errors import ConfigError, FacekdError
 from facekd.io.atomic import atomic_write_text
+from facekd.io.formats import file_digest
 from facekd.progress import Progress
 from facekd.quality.config import STAGES, ModelChoice, QualityRunConfig
 
@@ -40,20 +41,6 @@ _DEPENDS = {"t0": (), "pseudo_u1": ("t0",), "t1": ("pseudo_u1",), "pseudo_u2": (
 
 def _digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _file_digest(path: Path) -> str:
-    """Content hash of a file, or of a folder's sorted (name, size, mtime) listing."""
-    hasher = hashlib.sha256()
-    if path.is_dir():
-        for item in sorted(p for p in path.rglob("*") if p.is_file()):
-            stat = item.stat()
-            hasher.update(f"{item.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    else:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                hasher.update(block)
-    return hasher.hexdigest()[:16]
 
 
 @dataclass
@@ -118,7 +105,7 @@ class QualityPipeline:
 
     def _digest_data(self) -> None:
         data = self.config.data
-        self.data_digest = {key: _file_digest(Path(getattr(data, key)))
+        self.data_digest = {key: file_digest(Path(getattr(data, key)))
                             for key in ("labeled", "test", "unlabeled_1", "unlabeled_2")}
 
     def _fingerprint(self, name: str) -> str:
@@ -154,7 +141,7 @@ class QualityPipeline:
             atomic_write_text(started, json.dumps({"fingerprint": fingerprint}) + "\n")
         self.progress.log(f"{name}: running")
         outputs, info = runner()
-        digest = _digest({key: _file_digest(self.out / path) for key, path in sorted(outputs.items())})
+        digest = _digest({key: file_digest(self.out / path) for key, path in sorted(outputs.items())})
         self.results[name] = StageResult(name, fingerprint, False, outputs, info, digest)
         atomic_write_text(marker, json.dumps({"fingerprint": fingerprint, "output_digest": digest, "outputs": outputs,
                                               "info": info}, indent=2, default=str) + "\n")
@@ -211,7 +198,7 @@ class QualityPipeline:
                                        "pseudo": [self.results[p].output_digest for p in pseudo]}).fit(
             model, QualityLoss(weights=self.config.loss.as_dict(), plcc_form=self.config.loss.plcc_form), dataset,
             evaluate=self._evaluate)
-        metrics = result.metrics or self._evaluate(model)
+        metrics = result.metrics  # the trainer always evaluates the final weights
         path = folder / MODEL_FILE
         save_model(model, path, training_config={"stage": name, "model": config_to_dict(choice),
                                                  "train": config_to_dict(train_cfg),

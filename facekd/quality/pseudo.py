@@ -23,6 +23,7 @@ import torch
 
 from facekd.errors import ConfigError, DataError, FacekdError
 from facekd.io.formats import resolve_inputs, write_mos_csv
+from facekd.models.predictor import check_batch_size
 from facekd.progress import Progress
 from facekd.quality.data import ImageError, QualityDataset, QualitySample, load_images
 
@@ -30,12 +31,6 @@ __all__ = ["MIN_WEIGHT", "flip_confidence", "predict", "pseudo_label", "write_ps
 
 #: Smallest confidence weight given to a pseudo-label (keeps weights strictly positive).
 MIN_WEIGHT = 1e-6
-
-
-def _check_batch_size(batch_size: object) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or int(batch_size) < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return int(batch_size)
 
 
 def predict(model, images: np.ndarray | QualityDataset, batch_size: int = 64,
@@ -46,7 +41,7 @@ def predict(model, images: np.ndarray | QualityDataset, batch_size: int = 64,
     Returns float32 (N,), or (N, 2) with `flip=True`: column 0 the original images, column 1
     their horizontal mirrors. Runs in eval mode under `torch.inference_mode()` on the model's
     device and restores the model's training mode afterwards."""
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     progress = progress or Progress()
     array = images.images if isinstance(images, QualityDataset) else images
     if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.ndim != 4 or array.shape[3] != 3:
