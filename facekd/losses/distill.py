@@ -1,0 +1,383 @@
+"""Distillation losses for face recognition embeddings, chosen by name with `build_distill_loss`.
+
+Every loss is an `nn.Module` called as `loss(student, teacher, labels) -> (loss, metrics)`:
+`student` (B, D) and `teacher` (B, D') are raw embeddings, `labels` (B,) identity ids, `loss` a
+scalar and `metrics` a dict of detached 0-d tensors to log. The teacher is always detached, so
+no gradient reaches it even when its embeddings were computed with autograd on. Everything is
+computed in float32 whatever the autocast precision of the models.
+
+- `feature`: L2 or cosine distance between the L2-normalised embeddings (needs D == D');
+- `rkd`: Relational KD (Park et al., CVPR 2019), distance and angle relations;
+- `similarity`: Similarity-Preserving KD (Tung & Mori, ICCV 2019);
+- `ekd`: Evaluation-oriented KD (Huang et al., CVPR 2022), across processes on the global batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Iterable, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from facekd.engine.distributed import all_gather_with_grad
+from facekd.errors import ConfigError
+
+DISTILL_METHODS = ("none", "feature", "rkd", "similarity", "ekd")
+FEATURE_METRICS = ("l2", "cosine")
+EKD_LEVELS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+EKD_LOGGED_LEVEL = 1e-3
+_NORM_EPS = 1e-12
+
+Metrics = dict[str, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _number(field: str, value: Any) -> float:
+    """`value` as a finite float, or a ConfigError naming `field`."""
+    if isinstance(value, str):
+        raise ConfigError(f"{field}: must be a number, got the text {value!r} (YAML reads 1e-3 as text: "
+                          f"write 1.0e-3)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{field}: must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_inputs(name: str, student: torch.Tensor, teacher: torch.Tensor,
+                  labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 (B, D) student and detached float32 (B, D') teacher; misuse raises ValueError."""
+    if student.dim() != 2 or teacher.dim() != 2:
+        raise ValueError(f"{name}: embeddings must be (batch, dim); got student {tuple(student.shape)}, "
+                         f"teacher {tuple(teacher.shape)}")
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(f"{name}: student and teacher batch sizes differ ({student.shape[0]} vs "
+                         f"{teacher.shape[0]})")
+    if labels is not None and (labels.dim() != 1 or labels.shape[0] != student.shape[0]):
+        raise ValueError(f"{name}: labels must be (batch,) = ({student.shape[0]},), got {tuple(labels.shape)}")
+    return student.float(), teacher.detach().float()
+
+
+def _zero_like(x: torch.Tensor) -> torch.Tensor:
+    # keeps the graph, so the student still gets a (zero) gradient (DDP needs every parameter used)
+    return x.sum() * 0.0
+
+
+def _gather_plain(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's `tensor` concatenated along dim 0, without gradient (same shape on every rank)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+# ----------------------------------------------------------------------------- feature
+
+class FeatureDistill(nn.Module):
+    """Pointwise embedding distillation on L2-normalised embeddings (needs D == D').
+
+    metric 'l2': mean over the batch of ||s - t||^2 (summed over dims), in [0, 4];
+    metric 'cosine': mean of 1 - cos(s, t), in [0, 2] (for unit vectors l2 = 2 * cosine).
+    """
+
+    def __init__(self, metric: Literal["l2", "cosine"] = "l2"):
+        super().__init__()
+        if metric not in FEATURE_METRICS:
+            raise ConfigError(f"feature.metric: must be one of {', '.join(FEATURE_METRICS)}, got {metric!r}")
+        self.metric = metric
+
+    def extra_repr(self) -> str:
+        return f"metric={self.metric!r}"
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor,
+                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
+        student, teacher = _check_inputs("feature", student, teacher)
+        if student.shape[1] != teacher.shape[1]:
+            raise ConfigError(f"feature: student embedding size {student.shape[1]} differs from the teacher's "
+                              f"{teacher.shape[1]}; pointwise distillation needs equal sizes (use rkd, "
+                              f"similarity or ekd, which compare relations)")
+        if student.shape[0] == 0:
+            return _zero_like(student), {}
+        s = F.normalize(student, dim=1, eps=_NORM_EPS)
+        t = F.normalize(teacher, dim=1, eps=_NORM_EPS)
+        if self.metric == "l2":
+            loss = (s - t).pow(2).sum(dim=1).mean()
+        else:
+            loss = (1.0 - (s * t).sum(dim=1)).mean()
+        return loss, {}
+
+
+# ----------------------------------------------------------------------------- rkd
+
+def _pairwise_distances(x: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance matrix with an exact zero diagonal and finite gradients everywhere."""
+    squared = x.pow(2).sum(dim=1)
+    d2 = (squared.unsqueeze(1) + squared.unsqueeze(0) - 2.0 * x @ x.t()).clamp_min(_NORM_EPS)
+    off_diagonal = 1.0 - torch.eye(x.shape[0], device=x.device, dtype=x.dtype)
+    return d2.sqrt() * off_diagonal
+
+
+def _angle_potentials(x: torch.Tensor) -> torch.Tensor:
+    """(B, B, B) cosines: [i, j, k] = cos of the angle at x_i between x_j and x_k (0 when degenerate)."""
+    directions = F.normalize(x.unsqueeze(0) - x.unsqueeze(1), dim=2, eps=_NORM_EPS)  # [i, j] = unit(x_j - x_i)
+    return directions @ directions.transpose(1, 2)
+
+
+class RKDDistill(nn.Module):
+    """Relational KD (Park et al., CVPR 2019), computed on L2-normalised embeddings (D may differ from D').
+
+    Distance term: smooth-L1 (Huber, beta 1) between the student's and teacher's pairwise
+    distance matrices, each divided by its mean over the B(B-1) off-diagonal pairs.
+    Angle term: smooth-L1 between the (B, B, B) angle potentials, [i, j, k] = the cosine of the
+    angle at e_i between e_j and e_k (through normalised difference vectors).
+    As in the authors' code, each smooth-L1 is the mean over all B^2 (resp. B^3) entries,
+    degenerate ones (zero in both) included. Memory is O(B^2 D + B^3). A batch of fewer than 2
+    gives 0. Metrics: rkd_distance, rkd_angle (unweighted terms).
+    """
+
+    def __init__(self, distance_weight: float = 1.0, angle_weight: float = 2.0):
+        super().__init__()
+        self.distance_weight = _number("rkd.distance_weight", distance_weight)
+        self.angle_weight = _number("rkd.angle_weight", angle_weight)
+        for field, value in (("distance_weight", self.distance_weight), ("angle_weight", self.angle_weight)):
+            if value < 0:
+                raise ConfigError(f"rkd.{field}: must be >= 0, got {value!r}")
+
+    def extra_repr(self) -> str:
+        return f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}"
+
+    @staticmethod
+    def _normalised_distances(x: torch.Tensor) -> torch.Tensor:
+        d = _pairwise_distances(x)
+        pairs = x.shape[0] * (x.shape[0] - 1)
+        return d / (d.sum() / pairs).clamp_min(_NORM_EPS)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor,
+                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
+        student, teacher = _check_inputs("rkd", student, teacher)
+        if student.shape[0] < 2:
+            zero = _zero_like(student)
+            return zero, {"rkd_distance": zero.detach(), "rkd_angle": zero.detach()}
+        s = F.normalize(student, dim=1, eps=_NORM_EPS)
+        t = F.normalize(teacher, dim=1, eps=_NORM_EPS)
+        distance = F.smooth_l1_loss(self._normalised_distances(s), self._normalised_distances(t), beta=1.0)
+        angle = F.smooth_l1_loss(_angle_potentials(s), _angle_potentials(t), beta=1.0)
+        loss = self.distance_weight * distance + self.angle_weight * angle
+        return loss, {"rkd_distance": distance.detach(), "rkd_angle": angle.detach()}
+
+
+# ----------------------------------------------------------------------------- similarity preserving
+
+class SimilarityPreserving(nn.Module):
+    """Similarity-Preserving KD (Tung & Mori, ICCV 2019) on the embeddings (D may differ from D').
+
+    G = F F^T with each row L2-normalised, for student and teacher (raw embeddings, as in the
+    paper); loss = ||G_s - G_t||_F^2 / B^2.
+    """
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor,
+                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
+        student, teacher = _check_inputs("similarity", student, teacher)
+        batch = student.shape[0]
+        if batch == 0:
+            return _zero_like(student), {}
+        g_s = F.normalize(student @ student.t(), dim=1, eps=_NORM_EPS)
+        g_t = F.normalize(teacher @ teacher.t(), dim=1, eps=_NORM_EPS)
+        return (g_s - g_t).pow(2).sum() / (batch * batch), {}
+
+
+# ----------------------------------------------------------------------------- ekd
+
+def _check_levels(levels: Any) -> tuple[float, ...]:
+    if isinstance(levels, (str, bytes)) or not isinstance(levels, Iterable):
+        raise ConfigError(f"ekd.levels: must be a list of FPR levels in (0, 1), got {levels!r}")
+    values = [_number("ekd.levels", level) for level in levels]
+    if not values:
+        raise ConfigError("ekd.levels: needs at least one FPR level")
+    bad = [v for v in values if not 0.0 < v < 1.0]
+    if bad:
+        raise ConfigError(f"ekd.levels: every level must be in (0, 1), got {bad[0]!r}")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"ekd.levels: levels must be distinct, got {values!r}")
+    return tuple(sorted(values, reverse=True))
+
+
+def ekd_threshold_indices(num_negatives: int, levels: Iterable[float]) -> list[int]:
+    """0-based positions, in the negatives sorted by decreasing similarity, of each level's threshold.
+
+    Position floor(level * N_neg) (the reference code's `N // (1/level)`), so that at most
+    level * N_neg negatives lie strictly above the threshold; 0 (the largest negative) when
+    level * N_neg < 1."""
+    if num_negatives < 1:
+        raise ValueError("ekd_threshold_indices: needs at least one negative pair")
+    # the tiny relative slack makes e.g. 1e-3 * 3000 count as 3, not 2.9999999
+    return [min(num_negatives - 1, int(math.floor(level * num_negatives * (1.0 + 1e-9)))) for level in levels]
+
+
+class EKDLoss(nn.Module):
+    """Evaluation-oriented KD (Huang et al., CVPR 2022), following the authors' TFace code.
+
+    Each step, on every process:
+    1. the student embeddings are all-gathered with gradient and the teacher embeddings and
+       labels without, so every rank computes the same loss on the global batch (local batches
+       must have the same size on every rank);
+    2. on L2-normalised embeddings, cosine similarities of all pairs i < j, student and teacher;
+       a pair is positive when both labels agree;
+    3. per FPR level, a threshold: the negatives sorted by decreasing similarity, the one at
+       0-based position floor(level * N_neg) (`ekd_threshold_indices`; the reference code's
+       `N // anchor`), for student and teacher separately. When level * N_neg < 1 that is the
+       largest negative: a level means something only when N_neg >= 1 / level. With P
+       identities x K images in a global batch of B = P*K, N_neg = B(B-1)/2 - P*K(K-1)/2,
+       so level 1e-6 needs N_neg >= 1e6, i.e. B of about 1415 or more; 1e-3 needs B >= 46 or so;
+    4. thresholds are smoothed across steps by a moving average kept in buffers (checkpointed):
+       thr = (1 - momentum) * thr + momentum * batch_thr, momentum being the weight of the
+       new batch (0.01 in the paper). The first update takes the batch value (the paper's code
+       starts from zeros instead, a warm-up bias this avoids). Buffers change only in training
+       mode, under no_grad, and before the loss uses them (as in the paper's code). In eval
+       mode the stored thresholds are used, or the batch's if none were stored yet;
+    5. soft rank r(s) = sum over levels of sigmoid((s - thr_level) / temperature), students'
+       similarities against the student thresholds, teachers' against the teacher's
+       (the paper's code clamps the sigmoid's argument to [-50, 50]; `torch.sigmoid` is
+       stable without it);
+    6. loss = positive_weight * MSE(r_s, r_t) over all positive pairs + negative_weight *
+       MSE over the top_k negatives with the largest STUDENT similarity (all of them when
+       there are fewer). MSE is a mean, as in the paper's code. An empty set of positives
+       (or negatives) contributes 0; without negatives the thresholds are not updated.
+
+    Gradient: thresholds carry none. Each rank's gathered copy sends its gradient back to the
+    owning rank, summed over ranks (see `all_gather_with_grad`), so a rank's raw gradient is
+    world_size times the single-process full-batch gradient; DDP's averaging makes it exact.
+    Metrics: ekd_pos and ekd_neg (the weighted terms, summing to the loss) and, when 1e-3 is a
+    level, ekd_thr_student / ekd_thr_teacher (the smoothed thresholds at FPR 1e-3).
+    Memory is O(B^2) in the global batch.
+    """
+
+    def __init__(self, levels: Iterable[float] = EKD_LEVELS, temperature: float = 0.01, top_k: int = 2000,
+                 positive_weight: float = 0.02, negative_weight: float = 0.01, momentum: float = 0.01):
+        super().__init__()
+        self.levels = _check_levels(levels)
+        self.temperature = _number("ekd.temperature", temperature)
+        if self.temperature <= 0:
+            raise ConfigError(f"ekd.temperature: must be > 0, got {temperature!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ConfigError(f"ekd.top_k: must be an integer >= 1, got {top_k!r}")
+        self.top_k = top_k
+        self.positive_weight = _number("ekd.positive_weight", positive_weight)
+        self.negative_weight = _number("ekd.negative_weight", negative_weight)
+        for field, value in (("positive_weight", self.positive_weight), ("negative_weight", self.negative_weight)):
+            if value < 0:
+                raise ConfigError(f"ekd.{field}: must be >= 0, got {value!r}")
+        self.momentum = _number("ekd.momentum", momentum)
+        if not 0.0 < self.momentum <= 1.0:
+            raise ConfigError(f"ekd.momentum: must be in (0, 1], got {momentum!r}")
+        logged = [i for i, level in enumerate(self.levels) if math.isclose(level, EKD_LOGGED_LEVEL)]
+        self._logged_level = logged[0] if logged else None
+        self.register_buffer("student_thresholds", torch.zeros(len(self.levels)))
+        self.register_buffer("teacher_thresholds", torch.zeros(len(self.levels)))
+        self.register_buffer("thresholds_initialized", torch.zeros((), dtype=torch.bool))
+
+    def extra_repr(self) -> str:
+        return (f"levels={self.levels}, temperature={self.temperature}, top_k={self.top_k}, "
+                f"positive_weight={self.positive_weight}, negative_weight={self.negative_weight}, "
+                f"momentum={self.momentum}")
+
+    @torch.no_grad()
+    def batch_thresholds(self, negatives: torch.Tensor) -> torch.Tensor:
+        """This batch's threshold per level (in `self.levels` order) from 1-D negative similarities."""
+        indices = ekd_threshold_indices(negatives.numel(), self.levels)
+        top = torch.topk(negatives.detach(), k=max(indices) + 1, sorted=True).values
+        return top[torch.tensor(indices, device=top.device)]
+
+    @torch.no_grad()
+    def _thresholds(self, neg_s: torch.Tensor, neg_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student and teacher thresholds to use this step, updating the buffers in training mode."""
+        if neg_s.numel() == 0:
+            return self.student_thresholds.clone(), self.teacher_thresholds.clone()
+        batch_s, batch_t = self.batch_thresholds(neg_s), self.batch_thresholds(neg_t)
+        if self.training:
+            if bool(self.thresholds_initialized):
+                self.student_thresholds.mul_(1.0 - self.momentum).add_(batch_s.to(self.student_thresholds),
+                                                                        alpha=self.momentum)
+                self.teacher_thresholds.mul_(1.0 - self.momentum).add_(batch_t.to(self.teacher_thresholds),
+                                                                        alpha=self.momentum)
+            else:
+                self.student_thresholds.copy_(batch_s)
+                self.teacher_thresholds.copy_(batch_t)
+                self.thresholds_initialized.fill_(True)
+        elif not bool(self.thresholds_initialized):
+            return batch_s, batch_t
+        return self.student_thresholds.clone(), self.teacher_thresholds.clone()
+
+    def soft_rank(self, similarities: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+        """Number of thresholds each similarity lies above, softened by a sigmoid of `temperature`."""
+        thresholds = thresholds.to(similarities)
+        return torch.sigmoid((similarities.unsqueeze(1) - thresholds.unsqueeze(0)) / self.temperature).sum(dim=1)
+
+    def _rank_mse(self, s: torch.Tensor, t: torch.Tensor, thr_s: torch.Tensor, thr_t: torch.Tensor,
+                  like: torch.Tensor) -> torch.Tensor:
+        if s.numel() == 0:
+            return _zero_like(like)
+        return F.mse_loss(self.soft_rank(s, thr_s), self.soft_rank(t, thr_t))
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        student, teacher = _check_inputs("ekd", student, teacher, labels)
+        student = all_gather_with_grad(student)
+        with torch.no_grad():
+            teacher = _gather_plain(teacher)
+            labels = _gather_plain(labels.to(student.device))
+        s = F.normalize(student, dim=1, eps=_NORM_EPS)
+        t = F.normalize(teacher, dim=1, eps=_NORM_EPS)
+        n = s.shape[0]
+        rows, cols = torch.triu_indices(n, n, offset=1, device=s.device)
+        sim_s = (s @ s.t())[rows, cols]
+        sim_t = (t @ t.t())[rows, cols]
+        positive = labels[rows] == labels[cols]
+        neg_s, neg_t = sim_s[~positive], sim_t[~positive]
+        thr_s, thr_t = self._thresholds(neg_s, neg_t)
+
+        pos_term = self._rank_mse(sim_s[positive], sim_t[positive], thr_s, thr_t, student)
+        hardest = torch.topk(neg_s.detach(), k=min(self.top_k, neg_s.numel())).indices
+        neg_term = self._rank_mse(neg_s[hardest], neg_t[hardest], thr_s, thr_t, student)
+        pos_term = self.positive_weight * pos_term
+        neg_term = self.negative_weight * neg_term
+        metrics = {"ekd_pos": pos_term.detach(), "ekd_neg": neg_term.detach()}
+        if self._logged_level is not None:
+            metrics["ekd_thr_student"] = thr_s[self._logged_level].detach().clone()
+            metrics["ekd_thr_teacher"] = thr_t[self._logged_level].detach().clone()
+        return pos_term + neg_term, metrics
+
+
+# ----------------------------------------------------------------------------- registry
+
+_LOSSES: dict[str, type[nn.Module]] = {
+    "feature": FeatureDistill,
+    "rkd": RKDDistill,
+    "similarity": SimilarityPreserving,
+    "ekd": EKDLoss,
+}
+
+
+def distill_options(method: str) -> tuple[str, ...]:
+    """Names of the options `build_distill_loss(method, ...)` accepts."""
+    if method == "none":
+        return ()
+    if not isinstance(method, str) or method not in _LOSSES:
+        raise ConfigError(f"distill.method: unknown method {method!r}; choose one of {', '.join(DISTILL_METHODS)}")
+    return tuple(name for name in inspect.signature(_LOSSES[method].__init__).parameters if name != "self")
+
+
+def build_distill_loss(method: str, **options: Any) -> nn.Module | None:
+    """The distillation loss named `method` (one of DISTILL_METHODS) built with `options`; None for 'none'."""
+    valid = distill_options(method)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        choices = ", ".join(valid) if valid else "none"
+        raise ConfigError(f"distill.{unknown[0]}: unknown option for method {method!r}; valid options: {choices}")
+    if method == "none":
+        return None
+    return _LOSSES[method](**options)

@@ -1,0 +1,58 @@
+"""EKD across two CPU processes started by `facekd.engine.launch` (Fabric DDP, gloo).
+
+A fixed global batch (8 identities x 8 images) is split into two contiguous halves; rank r
+computes EKD on its half for two training steps (the loss all-gathers the global batch) and
+writes `<out>/rank<r>.json`: per step the loss, metrics, thresholds and the gradient w.r.t.
+its own half. tests/test_distill_losses.py imports `global_batch` and `STEPS`/`OPTIONS` from
+this file to compute the one-process reference."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+IDENTITIES, IMAGES, STUDENT_DIM, TEACHER_DIM = 8, 8, 16, 24
+STEPS = 2
+OPTIONS = {"top_k": 500}  # fewer than the 1792 negatives: the hard-negative selection is exercised
+
+
+def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(student (64, 16), teacher (64, 24), labels (64,)) of `step`: clustered by identity."""
+    g = torch.Generator().manual_seed(1000 + step)
+    labels = torch.arange(IDENTITIES).repeat_interleave(IMAGES)
+    s_centres = torch.randn(IDENTITIES, STUDENT_DIM, generator=g)
+    t_centres = torch.randn(IDENTITIES, TEACHER_DIM, generator=g)
+    student = s_centres[labels] + 0.8 * torch.randn(len(labels), STUDENT_DIM, generator=g)
+    teacher = t_centres[labels] + 0.5 * torch.randn(len(labels), TEACHER_DIM, generator=g)
+    return student, teacher, labels
+
+
+def main() -> None:
+    from facekd.engine import TrainConfig, launch, rank, world_size
+    from facekd.losses.distill import EKDLoss
+
+    out = Path(sys.argv[1])
+    launch(TrainConfig(accelerator="cpu", devices=2))
+    r, world = rank(), world_size()
+    loss_fn = EKDLoss(**OPTIONS).train()
+    steps = []
+    for step in range(STEPS):
+        student, teacher, labels = global_batch(step)
+        half = len(labels) // world
+        mine = slice(r * half, (r + 1) * half)
+        local = student[mine].clone().requires_grad_(True)
+        loss, metrics = loss_fn(local, teacher[mine], labels[mine])
+        loss.backward()
+        steps.append({"loss": loss.item(), "metrics": {k: v.item() for k, v in metrics.items()},
+                      "student_thresholds": loss_fn.student_thresholds.tolist(),
+                      "teacher_thresholds": loss_fn.teacher_thresholds.tolist(),
+                      "grad": local.grad.tolist()})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{r}.json").write_text(json.dumps({"rank": r, "world_size": world, "steps": steps}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,408 @@
+"""Distillation losses for face recognition: values against independent numpy computations,
+no gradient to the teacher, EKD thresholds and their moving average, and EKD across two processes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from facekd.errors import ConfigError
+from facekd.losses.distill import (DISTILL_METHODS, EKDLoss, FeatureDistill, RKDDistill, SimilarityPreserving,
+                                   build_distill_loss, ekd_threshold_indices)
+
+JOBS = Path(__file__).parent / "jobs"
+LEVELS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+
+
+# ----------------------------------------------------------------------------- numpy references
+
+def np_unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def np_huber(a: np.ndarray, b: np.ndarray, huber: bool = True) -> float:
+    d = np.abs(a - b)
+    return float(np.mean(np.where((d < 1.0) | (not huber), 0.5 * d * d, d - 0.5)))
+
+
+def np_rkd(student: np.ndarray, teacher: np.ndarray, huber: bool = True) -> tuple[float, float]:
+    """(distance term, angle term) with explicit loops over pairs and triplets (`huber=False`: halved MSE)."""
+    def distances(e):
+        n = len(e)
+        d = np.zeros((n, n))
+        for i in range(n):
+            for j in range(n):
+                if i != j:
+                    d[i, j] = math.sqrt(sum((e[i, k] - e[j, k]) ** 2 for k in range(e.shape[1])))
+        return d / (d.sum() / (n * (n - 1)))
+
+    def angles(e):
+        n = len(e)
+        a = np.zeros((n, n, n))
+        for i in range(n):
+            for j in range(n):
+                for k in range(n):
+                    if j != i and k != i:
+                        u, v = e[j] - e[i], e[k] - e[i]
+                        a[i, j, k] = u @ v / (np.linalg.norm(u) * np.linalg.norm(v))
+        return a
+
+    s, t = np_unit(student), np_unit(teacher)
+    return np_huber(distances(s), distances(t), huber), np_huber(angles(s), angles(t), huber)
+
+
+def np_similarity_preserving(student: np.ndarray, teacher: np.ndarray) -> float:
+    def gram(f):
+        g = np.asarray(f, dtype=np.float64) @ np.asarray(f, dtype=np.float64).T
+        return g / np.linalg.norm(g, axis=1, keepdims=True)
+
+    b = len(student)
+    return float(np.sum((gram(student) - gram(teacher)) ** 2) / b ** 2)
+
+
+def np_pairs(emb: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, positive mask) of the pairs i < j, in row-major order."""
+    e = np_unit(emb)
+    sims, positive = [], []
+    for i in range(len(e)):
+        for j in range(i + 1, len(e)):
+            sims.append(float(e[i] @ e[j]))
+            positive.append(labels[i] == labels[j])
+    return np.array(sims), np.array(positive)
+
+
+def np_thresholds(negatives: np.ndarray, levels=LEVELS) -> np.ndarray:
+    """The reference code's rule: sorted descending, position N // (1 / level) (0-based)."""
+    ordered = np.sort(negatives)[::-1]
+    return np.array([ordered[len(ordered) // round(1 / level)] for level in levels])
+
+
+def np_ekd(student, teacher, labels, thr_s, thr_t, temperature=0.01, top_k=2000, pw=0.02, nw=0.01) -> float:
+    sim_s, pos = np_pairs(student, labels)
+    sim_t, _ = np_pairs(teacher, labels)
+
+    def rank(x, thr):
+        return (1.0 / (1.0 + np.exp(-(x[:, None] - thr[None, :]) / temperature))).sum(axis=1)
+
+    pos_term = np.mean((rank(sim_s[pos], thr_s) - rank(sim_t[pos], thr_t)) ** 2) if pos.any() else 0.0
+    neg_s, neg_t = sim_s[~pos], sim_t[~pos]
+    hard = np.argsort(-neg_s, kind="stable")[:top_k]
+    neg_term = np.mean((rank(neg_s[hard], thr_s) - rank(neg_t[hard], thr_t)) ** 2)
+    return pw * pos_term + nw * neg_term
+
+
+def clustered_batch(identities: int, images: int, dim_s: int, dim_t: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(identities).repeat_interleave(images)
+    student = torch.randn(identities, dim_s, generator=g)[labels] + 0.7 * torch.randn(len(labels), dim_s, generator=g)
+    teacher = torch.randn(identities, dim_t, generator=g)[labels] + 0.5 * torch.randn(len(labels), dim_t, generator=g)
+    return student, teacher, labels
+
+
+# ----------------------------------------------------------------------------- every method
+
+ALL_LOSSES = {
+    "feature-l2": lambda: FeatureDistill("l2"),
+    "feature-cosine": lambda: FeatureDistill("cosine"),
+    "rkd": RKDDistill,
+    "similarity": SimilarityPreserving,
+    "ekd": lambda: EKDLoss(top_k=50),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALL_LOSSES))
+def test_no_gradient_reaches_the_teacher(name):
+    loss_fn = ALL_LOSSES[name]().train()
+    student_raw, _, labels = clustered_batch(4, 4, 8, 8)
+    student = student_raw.clone().requires_grad_(True)
+    # a teacher tensor that itself requires grad
+    teacher = torch.randn(16, 8).requires_grad_(True)
+    loss, _ = loss_fn(student, teacher, labels)
+    loss.backward()
+    assert teacher.grad is None
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    # a teacher module run WITH autograd on: its parameters still get no gradient
+    torch.manual_seed(0)
+    teacher_net = nn.Linear(8, 8)
+    loss, _ = loss_fn(student, teacher_net(torch.randn(16, 8)), labels)
+    loss.backward()
+    assert all(p.grad is None for p in teacher_net.parameters())
+
+
+# ----------------------------------------------------------------------------- feature
+
+def test_feature_distill_hand_computed():
+    student = torch.tensor([[3.0, 4.0], [1.0, 0.0]])   # unit: (0.6, 0.8), (1, 0)
+    teacher = torch.tensor([[0.0, 2.0], [5.0, 0.0]])   # unit: (0, 1),     (1, 0)
+    # l2: ||(0.6, -0.2)||^2 = 0.4 and 0 -> mean 0.2; cosine: 1 - 0.8 = 0.2 and 0 -> mean 0.1
+    l2, metrics = FeatureDistill("l2")(student, teacher, torch.tensor([0, 1]))
+    cosine, _ = FeatureDistill("cosine")(student, teacher, torch.tensor([0, 1]))
+    assert l2.item() == pytest.approx(0.2, abs=1e-6)
+    assert cosine.item() == pytest.approx(0.1, abs=1e-6)
+    assert metrics == {}
+
+
+def test_feature_distill_refuses_different_sizes_and_bad_metric():
+    with pytest.raises(ConfigError, match="feature: student embedding size 4 differs"):
+        FeatureDistill()(torch.randn(3, 4), torch.randn(3, 6), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ConfigError, match="feature.metric"):
+        FeatureDistill("l1")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- rkd
+
+def test_rkd_against_loops_in_numpy():
+    student = np.array([[1.0, 0.2, -0.5], [0.3, 1.0, 0.1], [-0.7, 0.4, 0.9], [0.2, -1.0, 0.3]])
+    teacher = np.array([[0.9, 0.1, 0.0, 0.2], [0.0, 1.0, 0.3, -0.1], [-1.0, 0.0, 0.8, 0.5],
+                        [0.1, 0.2, -0.9, 1.0]])  # D' = 4 != D = 3: relations only
+    distance, angle = np_rkd(student, teacher)
+    loss, metrics = RKDDistill(distance_weight=1.0, angle_weight=2.0)(
+        torch.tensor(student, dtype=torch.float32), torch.tensor(teacher, dtype=torch.float32),
+        torch.arange(4))
+    assert distance > 1e-3 and angle > 1e-3  # the example is not trivial
+    assert metrics["rkd_distance"].item() == pytest.approx(distance, rel=1e-4)
+    assert metrics["rkd_angle"].item() == pytest.approx(angle, rel=1e-4)
+    assert loss.item() == pytest.approx(distance + 2.0 * angle, rel=1e-4)
+
+
+def test_rkd_is_scale_invariant_and_zero_for_the_same_embeddings():
+    x = torch.randn(6, 5)
+    loss, _ = RKDDistill()(x, 3.0 * x, torch.arange(6))
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_rkd_huber_branch_beyond_one():
+    # student: three close points and one opposite; teacher: three spread points and the fourth next to
+    # the first -> the normalised distance of pair (0, 3) is about 1.9 for the student and 0 for the teacher
+    student = np.array([[1.0, 0.0], [0.999, 0.045], [0.999, -0.045], [-1.0, 0.0]])
+    teacher = np.array([[1.0, 0.0], [-0.5, 0.866], [-0.5, -0.866], [0.999, 0.045]])
+    distance, angle = np_rkd(student, teacher)
+    squared = np_rkd(student, teacher, huber=False)[0]
+    assert abs(distance - squared) > 1e-3  # the linear branch of the Huber loss matters here
+    _, metrics = RKDDistill()(torch.tensor(student, dtype=torch.float32), torch.tensor(teacher, dtype=torch.float32),
+                              torch.arange(4))
+    assert metrics["rkd_distance"].item() == pytest.approx(distance, rel=1e-4)
+    assert metrics["rkd_angle"].item() == pytest.approx(angle, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- similarity preserving
+
+def test_similarity_preserving_hand_computed():
+    # student (1,0), (1,0): G = [[1,1],[1,1]] -> rows / sqrt(2)
+    # teacher (1,0), (0,2): G = [[1,0],[0,4]] -> rows [1,0], [0,1]
+    # diff = [[1/sqrt2 - 1, 1/sqrt2], [1/sqrt2, 1/sqrt2 - 1]]; ||.||_F^2 = 2(1/sqrt2 - 1)^2 + 2 * 1/2
+    expected = (2 * (1 / math.sqrt(2) - 1) ** 2 + 1.0) / 4
+    loss, metrics = SimilarityPreserving()(torch.tensor([[1.0, 0.0], [1.0, 0.0]]),
+                                           torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 1]))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert metrics == {}
+
+
+def test_similarity_preserving_against_numpy_with_different_dims():
+    rng = np.random.default_rng(3)
+    student, teacher = rng.normal(size=(4, 3)), rng.normal(size=(4, 5))
+    loss, _ = SimilarityPreserving()(torch.tensor(student, dtype=torch.float32),
+                                     torch.tensor(teacher, dtype=torch.float32), torch.arange(4))
+    assert loss.item() == pytest.approx(np_similarity_preserving(student, teacher), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- ekd
+
+def test_threshold_positions_follow_the_reference_code():
+    # N // (1/level): 3000 negatives -> 300, 30, 3 then the largest negative for the levels below 1/N
+    assert ekd_threshold_indices(3000, LEVELS) == [300, 30, 3, 0, 0, 0]
+    assert ekd_threshold_indices(96, LEVELS) == [9, 0, 0, 0, 0, 0]
+    assert ekd_threshold_indices(1_000_000, LEVELS) == [100_000, 10_000, 1000, 100, 10, 1]
+    assert ekd_threshold_indices(5, [0.5, 0.99]) == [2, 4]
+
+
+def test_ekd_is_zero_when_student_equals_teacher():
+    student, _, labels = clustered_batch(4, 4, 8, 8)
+    loss, metrics = EKDLoss().train()(student, student.clone(), labels)
+    assert loss.item() == 0.0
+    assert metrics["ekd_pos"].item() == 0.0 and metrics["ekd_neg"].item() == 0.0
+    assert metrics["ekd_thr_student"].item() == metrics["ekd_thr_teacher"].item()
+
+
+def test_ekd_matches_numpy_and_gives_student_gradients():
+    student, teacher, labels = clustered_batch(4, 6, 8, 12, seed=5)  # 24 samples: 276 pairs, 216 negatives
+    s = student.clone().requires_grad_(True)
+    loss_fn = EKDLoss(top_k=40, temperature=0.05).train()
+    loss, metrics = loss_fn(s, teacher, labels)
+    loss.backward()
+
+    sim_s, pos = np_pairs(student.numpy(), labels.numpy())
+    sim_t, _ = np_pairs(teacher.numpy(), labels.numpy())
+    assert pos.sum() == 4 * 15 and (~pos).sum() == 216
+    expected = np_ekd(student.numpy(), teacher.numpy(), labels.numpy(), np_thresholds(sim_s[~pos]),
+                      np_thresholds(sim_t[~pos]), temperature=0.05, top_k=40)
+    assert expected > 1e-4
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+    assert (metrics["ekd_pos"] + metrics["ekd_neg"]).item() == pytest.approx(loss.item(), rel=1e-6)
+    assert s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+def test_ekd_thresholds_are_negative_quantiles_then_a_moving_average():
+    levels = (1e-1, 1e-2, 1e-3)
+    loss_fn = EKDLoss(levels=[1e-3, 1e-1, 1e-2], momentum=0.25).train()  # unsorted on purpose
+    assert loss_fn.levels == levels
+    student, teacher, labels = clustered_batch(5, 4, 8, 10, seed=1)  # 20 samples: 190 pairs, 160 negatives
+    _, metrics = loss_fn(student, teacher, labels)
+    sim_s, pos = np_pairs(student.numpy(), labels.numpy())
+    sim_t, _ = np_pairs(teacher.numpy(), labels.numpy())
+    first_s, first_t = np_thresholds(sim_s[~pos], levels), np_thresholds(sim_t[~pos], levels)
+    # 160 negatives: positions 16, 1 and 0 (1e-3 * 160 < 1: the largest negative)
+    assert first_s[2] == pytest.approx(sim_s[~pos].max(), abs=1e-12)
+    np.testing.assert_allclose(loss_fn.student_thresholds.numpy(), first_s, atol=1e-6)
+    np.testing.assert_allclose(loss_fn.teacher_thresholds.numpy(), first_t, atol=1e-6)
+    assert metrics["ekd_thr_student"].item() == pytest.approx(first_s[2], abs=1e-6)
+    assert metrics["ekd_thr_teacher"].item() == pytest.approx(first_t[2], abs=1e-6)
+
+    student2, teacher2, labels2 = clustered_batch(5, 4, 8, 10, seed=2)
+    loss2, _ = loss_fn(student2, teacher2, labels2)
+    sim_s2, pos2 = np_pairs(student2.numpy(), labels2.numpy())
+    sim_t2, _ = np_pairs(teacher2.numpy(), labels2.numpy())
+    ema_s = 0.75 * first_s + 0.25 * np_thresholds(sim_s2[~pos2], levels)
+    ema_t = 0.75 * first_t + 0.25 * np_thresholds(sim_t2[~pos2], levels)
+    np.testing.assert_allclose(loss_fn.student_thresholds.numpy(), ema_s, atol=1e-6)
+    np.testing.assert_allclose(loss_fn.teacher_thresholds.numpy(), ema_t, atol=1e-6)
+    # and the second step's loss uses the smoothed thresholds
+    expected = np_ekd(student2.numpy(), teacher2.numpy(), labels2.numpy(), ema_s, ema_t)
+    assert loss2.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_ekd_buffers_are_checkpointed_and_eval_mode_leaves_them():
+    loss_fn = EKDLoss().train()
+    state = loss_fn.state_dict()
+    assert {"student_thresholds", "teacher_thresholds", "thresholds_initialized"} <= set(state)
+    for seed in range(2):
+        loss_fn(*clustered_batch(4, 4, 8, 8, seed=seed))
+    saved = {k: v.clone() for k, v in loss_fn.state_dict().items()}
+    assert bool(saved["thresholds_initialized"])
+
+    restored = EKDLoss()
+    restored.load_state_dict(saved)
+    for key in saved:
+        assert torch.equal(restored.state_dict()[key], saved[key]), key
+
+    restored.eval()
+    batch = clustered_batch(4, 4, 8, 8, seed=9)
+    loss_eval, metrics = restored(*batch)
+    for key in saved:
+        assert torch.equal(restored.state_dict()[key], saved[key]), key
+    # eval mode uses the stored thresholds
+    assert metrics["ekd_thr_student"].item() == pytest.approx(saved["student_thresholds"][2].item())
+    # a fresh loss in eval mode uses the batch's thresholds without storing them
+    fresh = EKDLoss().eval()
+    _, metrics = fresh(*batch)
+    assert not bool(fresh.thresholds_initialized) and fresh.student_thresholds.abs().sum() == 0
+    sim_s, pos = np_pairs(batch[0].numpy(), batch[2].numpy())
+    assert metrics["ekd_thr_student"].item() == pytest.approx(sim_s[~pos].max(), abs=1e-6)
+
+
+def test_ekd_uses_all_negatives_when_fewer_than_top_k_and_handles_one_identity():
+    student, teacher, labels = clustered_batch(3, 3, 6, 6, seed=4)  # 27 negatives < top_k 2000
+    sim_s, pos = np_pairs(student.numpy(), labels.numpy())
+    sim_t, _ = np_pairs(teacher.numpy(), labels.numpy())
+    loss, _ = EKDLoss().train()(student, teacher, labels)
+    expected = np_ekd(student.numpy(), teacher.numpy(), labels.numpy(), np_thresholds(sim_s[~pos]),
+                      np_thresholds(sim_t[~pos]))
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+    # a single identity: no negatives, thresholds not updated, only the positive term
+    one = EKDLoss().train()
+    s = torch.randn(4, 6, requires_grad=True)
+    loss, metrics = one(s, torch.randn(4, 6), torch.zeros(4, dtype=torch.long))
+    loss.backward()
+    assert metrics["ekd_neg"].item() == 0.0 and not bool(one.thresholds_initialized)
+    assert torch.isfinite(s.grad).all()
+
+
+@pytest.mark.parametrize("options, field", [
+    ({"levels": [0.1, 1.0]}, "ekd.levels"), ({"levels": []}, "ekd.levels"), ({"levels": [0.1, 0.1]}, "ekd.levels"),
+    ({"levels": ["1e-3"]}, "ekd.levels"), ({"levels": 0.1}, "ekd.levels"), ({"temperature": 0}, "ekd.temperature"),
+    ({"top_k": 0}, "ekd.top_k"), ({"top_k": 2.5}, "ekd.top_k"), ({"positive_weight": -1}, "ekd.positive_weight"),
+    ({"negative_weight": float("nan")}, "ekd.negative_weight"), ({"momentum": 0}, "ekd.momentum"),
+    ({"momentum": 1.5}, "ekd.momentum"),
+])
+def test_ekd_rejects_bad_settings(options, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        EKDLoss(**options)
+
+
+# ----------------------------------------------------------------------------- registry
+
+def test_build_distill_loss_by_name():
+    assert DISTILL_METHODS == ("none", "feature", "rkd", "similarity", "ekd")
+    assert build_distill_loss("none") is None
+    feature = build_distill_loss("feature", metric="cosine")
+    assert isinstance(feature, FeatureDistill) and feature.metric == "cosine"
+    rkd = build_distill_loss("rkd", angle_weight=0.5)
+    assert isinstance(rkd, RKDDistill) and rkd.angle_weight == 0.5 and rkd.distance_weight == 1.0
+    assert isinstance(build_distill_loss("similarity"), SimilarityPreserving)
+    ekd = build_distill_loss("ekd", top_k=10, levels=[1e-2, 1e-1])
+    assert isinstance(ekd, EKDLoss) and ekd.top_k == 10 and ekd.levels == (1e-1, 1e-2)
+
+
+def test_build_distill_loss_errors_list_the_choices():
+    with pytest.raises(ConfigError, match="distill.method: unknown method 'kd'.*none, feature, rkd, similarity, ekd"):
+        build_distill_loss("kd")
+    with pytest.raises(ConfigError, match="distill.tau: unknown option for method 'ekd'.*temperature"):
+        build_distill_loss("ekd", tau=0.1)
+    with pytest.raises(ConfigError, match="distill.metric: unknown option for method 'none'"):
+        build_distill_loss("none", metric="l2")
+    with pytest.raises(ConfigError, match="rkd.angle_weight"):
+        build_distill_loss("rkd", angle_weight=-1)
+
+
+# ----------------------------------------------------------------------------- ekd across processes
+
+def _load_job():
+    spec = importlib.util.spec_from_file_location("ekd_ddp_job", JOBS / "ekd_ddp.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                    reason="torch.distributed with gloo is not available")
+def test_ekd_in_two_processes_equals_one_process_on_the_global_batch(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(JOBS / "ekd_ddp.py"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+    job = _load_job()
+    reference = EKDLoss(**job.OPTIONS).train()
+    for step in range(job.STEPS):
+        student, teacher, labels = job.global_batch(step)
+        full = student.clone().requires_grad_(True)
+        loss, metrics = reference(full, teacher, labels)
+        loss.backward()
+        half = len(labels) // 2
+        for r, seen in enumerate(ranks):
+            assert seen["rank"] == r and seen["world_size"] == 2
+            got = seen["steps"][step]
+            assert got["loss"] == pytest.approx(loss.item(), rel=1e-5, abs=1e-9)
+            assert got["metrics"] == pytest.approx({k: v.item() for k, v in metrics.items()}, rel=1e-5, abs=1e-7)
+            np.testing.assert_allclose(got["student_thresholds"], reference.student_thresholds.numpy(), atol=1e-6)
+            np.testing.assert_allclose(got["teacher_thresholds"], reference.teacher_thresholds.numpy(), atol=1e-6)
+            # Every rank computes the same loss on the gathered batch; all_gather_with_grad sums the
+            # gradients of every rank's copy of rank r's rows back to rank r. So rank r's raw gradient
+            # is world_size (2) x the one-process gradient of its rows (DDP's averaging then makes
+            # the parameter gradients equal to the one-process ones).
+            expected = 2.0 * full.grad[r * half:(r + 1) * half]
+            np.testing.assert_allclose(np.array(got["grad"]), expected.numpy(), rtol=1e-4, atol=1e-7)
+        assert loss.item() > 0
