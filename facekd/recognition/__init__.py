@@ -1,0 +1,1 @@
+"""Face recognition: training, distillation, verification metrics, embedding."""
