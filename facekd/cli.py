@@ -105,6 +105,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.print(format_report_table(report))
     console.print(f"quality run: {out / 'quality'} (report.json, models, pseudo-labels); "
                   f"synthetic data: {quality_data}, {out / 'identities'}")
+
+    from facekd.recognition.demo import run_recognition_demo
+    from facekd.recognition.train import format_recognition_table, report_rows
+
+    reports = run_recognition_demo(out, seed=args.seed, workers=args.workers, overwrite=args.overwrite,
+                                   progress=progress)
+    console.print(format_recognition_table(report_rows(reports), "Recognition distillation — every pair of "
+                                           "60 unseen synthetic identities (GFLOPs = multiply-adds)"))
+    console.print(f"recognition runs: {out / 'recognition'} (teacher, student, ekd: model, report.json, roc.png)")
     return 0
 
 
@@ -182,6 +191,90 @@ def cmd_export(args: argparse.Namespace) -> int:
     _print_summary(f"ONNX export → {args.out}", vars(report))
     _console().print(f"ONNX Runtime matches torch: max abs difference {report.max_abs_diff:.2e} (< 1e-4)")
     return 0
+
+
+# --- recognition -------------------------------------------------------------------------------
+
+def _recognition_config(args: argparse.Namespace):
+    from facekd.config import load_config
+    from facekd.recognition.config import RecognitionConfig
+
+    overrides = []
+    if args.data:
+        overrides.append(f"data.train={args.data}")
+    if args.eval:
+        overrides.append("data.eval=" + json.dumps([str(p) for p in args.eval]))
+    return load_config(args.config, RecognitionConfig, overrides=overrides + list(args.set or []))
+
+
+def _print_recognition(report: dict, label: str) -> None:
+    from facekd.recognition.train import format_recognition_table, report_rows
+
+    rows = report_rows({label: report})
+    if rows:
+        _console().print(format_recognition_table(rows, f"Recognition — {next(iter(report['eval']))}"))
+    _console().print(f"run: {report['run_dir']} (model.safetensors, report.json, roc.png)")
+
+
+def cmd_recognition_train(args: argparse.Namespace) -> int:
+    from facekd.recognition.train import train_recognition
+
+    config = _recognition_config(args)
+    if args.model == "student":
+        config.distill.method = "none"
+    report = train_recognition(config, args.out, role=args.model, progress=_progress(args))
+    _print_recognition(report, args.model)
+    return 0
+
+
+def cmd_recognition_distill(args: argparse.Namespace) -> int:
+    from facekd.recognition.train import train_recognition
+
+    config = _recognition_config(args)
+    if args.method:
+        config.distill.method = args.method
+    report = train_recognition(config, args.out, role="student", teacher_path=args.teacher, progress=_progress(args))
+    _print_recognition(report, f"student ({config.distill.method})")
+    return 0
+
+
+def cmd_recognition_eval(args: argparse.Namespace) -> int:
+    from facekd.recognition.evaluation import evaluate_model
+    from facekd.recognition.train import format_recognition_table
+    from facekd.models.artifact import load_model
+    from facekd.models.cost import count_flops, count_params
+
+    sets = (args.pairs or []) + (args.bin or []) + (args.identities or [])
+    result = evaluate_model(args.model, sets, args.out, batch_size=args.batch_size, flip=not args.no_flip,
+                            progress=_progress(args))
+    if args.json:
+        _print_json(result)
+        return 0
+    model = load_model(args.model)
+    cost = {"arch": model.arch, "params": count_params(model), "gflops": count_flops(model, model.input_size) / 1e9,
+            "cpu_ms_per_image": float("nan")}
+    rows = {Path(name).name: {"report": report, **cost} for name, report in result["sets"].items()}
+    _console().print(format_recognition_table(rows, f"Verification — {args.model}"))
+    for name, report in result["sets"].items():
+        unsupported = [f"{r['fpr_level']:.0e}" for r in report["tpr_at_fpr"] if not r["supported"]]
+        if unsupported:
+            _console().print(f"{Path(name).name}: {report['negatives']} negative pairs cannot support FPR "
+                             f"{', '.join(unsupported)}")
+        if report["skipped_images"]:
+            _console().print(f"{Path(name).name}: skipped {len(report['skipped_images'])} unreadable images, e.g. "
+                             f"{report['skipped_images'][0]['path']}: {report['skipped_images'][0]['reason']}")
+    if args.out:
+        _console().print(f"report: {Path(args.out) / 'report.json'}, ROC: {result['roc']}")
+    return 0
+
+
+def cmd_recognition_embed(args: argparse.Namespace) -> int:
+    from facekd.recognition.evaluation import embed_files
+
+    summary = embed_files(args.model, args.paths, args.out, batch_size=args.batch_size, flip=args.flip,
+                          progress=_progress(args))
+    _print_summary(f"embeddings → {args.out}", summary)
+    return 1 if summary["embedded"] == 0 else 0
 
 
 # --- models ------------------------------------------------------------------------------------
@@ -309,6 +402,52 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run with ONNX Runtime (a .safetensors model is exported beside it first, checked)")
     _add_common(score)
     score.set_defaults(func=cmd_quality_score)
+
+    recognition = commands.add_parser("recognition", help="face recognition: training, distillation, evaluation")
+    recognition_commands = recognition.add_subparsers(dest="recognition_command", metavar="STEP", required=True)
+
+    def recognition_config_args(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("config", help="YAML config (see configs/recognition/)")
+        parser.add_argument("--out", required=True, help="run folder (resumes a killed run)")
+        parser.add_argument("--data", help="training data: an identity folder or an insightface .rec")
+        parser.add_argument("--eval", action="append", metavar="SET",
+                            help="verification set (pairs.txt, .bin or identity folder), repeatable")
+        parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+        _add_common(parser)
+
+    rtrain = recognition_commands.add_parser("train", help="train a model alone with the margin softmax")
+    recognition_config_args(rtrain)
+    rtrain.add_argument("--model", choices=("teacher", "student"), default="teacher",
+                        help="which model of the config (default: teacher)")
+    rtrain.set_defaults(func=cmd_recognition_train)
+
+    distill = recognition_commands.add_parser("distill", help="train the student with a frozen teacher")
+    recognition_config_args(distill)
+    distill.add_argument("--teacher", help="teacher model file (default: distill.teacher of the config)")
+    distill.add_argument("--method", choices=("none", "feature", "rkd", "similarity", "ekd"),
+                         help="distillation method (default: distill.method of the config)")
+    distill.set_defaults(func=cmd_recognition_distill)
+
+    reval = recognition_commands.add_parser("eval", help="verification accuracy, TPR@FPR and ROC of a model")
+    reval.add_argument("model", help="recognition model file")
+    reval.add_argument("--pairs", action="append", help="pairs file (path_a path_b same), repeatable")
+    reval.add_argument("--bin", action="append", help="insightface verification .bin, repeatable")
+    reval.add_argument("--identities", action="append", help="identity folder: every pair of its images")
+    reval.add_argument("--out", help="folder for report.json and roc.png")
+    reval.add_argument("--batch-size", type=int, default=128)
+    reval.add_argument("--no-flip", action="store_true", help="embed without the flipped image")
+    reval.add_argument("--json", action="store_true", help="print JSON")
+    _add_common(reval)
+    reval.set_defaults(func=cmd_recognition_eval)
+
+    embed = recognition_commands.add_parser("embed", help="embed images, folders or list files into an .npz")
+    embed.add_argument("model", help="recognition model file")
+    embed.add_argument("paths", nargs="+", help="images, folders (recursive) or list files")
+    embed.add_argument("--out", required=True, help=".npz to write (paths, embeddings); bad files → <out>.errors.csv")
+    embed.add_argument("--batch-size", type=int, default=128)
+    embed.add_argument("--flip", action="store_true", help="add the flipped image's embedding (as in eval)")
+    _add_common(embed)
+    embed.set_defaults(func=cmd_recognition_embed)
 
     export = commands.add_parser("export", help="export a model file to ONNX (checked against torch)")
     export.add_argument("model", help="model file (.safetensors)")

@@ -1,0 +1,204 @@
+"""Identity-labelled training images (an identity folder tree or an insightface RecordIO) and
+the balanced P×K batch sampler of margin-softmax training and EKD.
+
+`RecognitionDataset` either decodes every image once and keeps uint8 copies in memory
+(`cache=True`; "auto" does so when they fit in `cache_limit_bytes`), skipping and listing
+unreadable images in `.errors`, or decodes each image when it is read (MS1MV2's 5.8 M images
+do not fit in memory); an unreadable image then stops training with a DataError naming it.
+Augmentation is insightface's: a horizontal flip with probability 0.5, drawn from
+`facekd.engine.sample_rng` so it is the same whatever the number of workers or processes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from facekd.engine.distributed import derive_seed
+from facekd.errors import ConfigError, DataError, FacekdError
+from facekd.io.formats import read_identity_folder
+from facekd.io.images import decode_image, read_image, resize_to
+from facekd.progress import Progress
+
+PathLike = str | os.PathLike
+DEFAULT_CACHE_LIMIT = 4 << 30
+
+
+class IdentitySource:
+    """Where identity-labelled images come from: `labels[i]` for image i, `read(i)` its RGB
+    uint8 pixels, `name(i)` a string naming it in errors (a path, or `file.rec#key`)."""
+
+    def __init__(self, path: PathLike, progress: Progress | None = None):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise DataError(self.path, "training data not found (an identity folder or a .rec file)")
+        rec = self.path / "train.rec" if self.path.is_dir() else self.path
+        if rec.suffix == ".rec" and rec.is_file() and (self.path.is_file() or not _has_identity_folders(self.path)):
+            from facekd.io.recordio import read_insightface_dataset
+
+            self._rec = read_insightface_dataset(rec, progress=progress)
+            self._paths: list[Path] | None = None
+            self.labels = np.asarray(self._rec.labels, dtype=np.int64)
+            self.num_classes = int(self._rec.num_classes)
+            self.kind = "recordio"
+            self.path = rec
+        else:
+            folder = read_identity_folder(self.path)
+            self._rec = None
+            self._paths = list(folder.paths)
+            self.labels = np.asarray(folder.labels, dtype=np.int64)
+            self.num_classes = folder.num_classes
+            self.kind = "folder"
+        if len(self.labels) == 0:
+            raise DataError(self.path, "holds no training images")
+        if self.num_classes < 2:
+            raise DataError(self.path, f"needs at least 2 identities for a margin softmax, found {self.num_classes}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def name(self, index: int) -> str:
+        if self._paths is not None:
+            return str(self._paths[index])
+        return f"{self.path}#{int(self._rec.image_keys[index])}"
+
+    def read(self, index: int) -> np.ndarray:
+        if self._paths is not None:
+            return read_image(self._paths[index])
+        return decode_image(self._rec.image_bytes(index), source=self.name(index))
+
+
+def _has_identity_folders(path: Path) -> bool:
+    return any(entry.is_dir() and not entry.name.startswith(".") for entry in os.scandir(path))
+
+
+class RecognitionDataset(Dataset):
+    """Item i: {"image": float32 (3, S, S) normalised, "label": int64, "index": int64}."""
+
+    def __init__(self, source: IdentitySource, input_size: int, normalization: Mapping[str, Sequence[float]],
+                 train: bool = True, cache: bool | str = "auto", cache_limit_bytes: int = DEFAULT_CACHE_LIMIT,
+                 progress: Progress | None = None, workers: int | None = None):
+        from facekd.quality.data import _normalization_arrays, _check_workers
+
+        self.source = source
+        self.input_size = int(input_size)
+        self.train = bool(train)
+        self._mean, self._std = _normalization_arrays(normalization)
+        if cache not in (True, False, "auto"):
+            raise ConfigError(f"cache: expected true, false or auto, got {cache!r}")
+        needed = len(source) * self.input_size ** 2 * 3
+        self.cached = cache is True or (cache == "auto" and needed <= cache_limit_bytes)
+        self.errors: list[tuple[str, str]] = []
+        self.indices = np.arange(len(source))
+        self.images: np.ndarray | None = None
+        if self.cached:
+            self._decode_all(progress or Progress(), _check_workers(workers))
+        self.labels = source.labels[self.indices]
+
+    def _load(self, index: int) -> np.ndarray:
+        return resize_to(self.source.read(index), (self.input_size, self.input_size))
+
+    def _decode_all(self, progress: Progress, workers: int) -> None:
+        from facekd.quality.data import map_ordered
+
+        def load(index: int):
+            try:
+                return self._load(index)
+            except FacekdError as error:
+                return error.reason if isinstance(error, DataError) else str(error)
+
+        images = np.empty((len(self.source), self.input_size, self.input_size, 3), dtype=np.uint8)
+        kept: list[int] = []
+        with progress.task("decoding training images", len(self.source)) as bar:
+            for index, result in enumerate(map_ordered(load, range(len(self.source)), workers)):
+                if isinstance(result, str):
+                    self.errors.append((self.source.name(index), result))
+                else:
+                    images[len(kept)] = result
+                    kept.append(index)
+                bar.advance()
+        if not kept:
+            name, reason = self.errors[0]
+            raise DataError(self.source.path, f"none of the {len(self.source)} images could be read "
+                                              f"(first: {name}: {reason})")
+        self.indices = np.asarray(kept, dtype=np.int64)
+        self.images = images if len(kept) == len(images) else images[: len(kept)].copy()
+
+    @property
+    def num_classes(self) -> int:
+        return self.source.num_classes
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        index = int(index)
+        image = self.images[index] if self.images is not None else self._load(int(self.indices[index]))
+        if self.train:
+            from facekd.engine import sample_rng
+
+            if sample_rng(index).random() < 0.5:
+                image = image[:, ::-1]
+        chw = ((image.astype(np.float32) - self._mean) / self._std).transpose(2, 0, 1)
+        return {"image": torch.from_numpy(np.ascontiguousarray(chw)),
+                "label": torch.tensor(int(self.labels[index]), dtype=torch.int64),
+                "index": torch.tensor(index, dtype=torch.int64)}
+
+
+class IdentityBatchSampler:
+    """Balanced batches: P identities × K images each, plus a share of uniformly random images.
+
+    Each global batch (batch_size × world_size images) holds `round(random_fraction · global)`
+    random images; the rest is filled with K images of each of the next identities of a
+    shuffled identity order (identities with fewer than K images give all they have, those
+    with one image are never drawn as P×K identities since they make no positive pair). The
+    global batch is dealt `rank::world_size`, so a run on N processes sees the same global
+    batches as one process with N× the batch. An epoch has len(labels) // global batches;
+    everything is drawn from (seed, epoch) alone, as the trainer's resume requires."""
+
+    def __init__(self, labels: Sequence[int], batch_size: int, images_per_identity: int, *,
+                 random_fraction: float = 0.0, seed: int = 0, rank: int = 0, world_size: int = 1):
+        labels = np.asarray(labels, dtype=np.int64)
+        self.global_batch = int(batch_size) * int(world_size)
+        if not 2 <= images_per_identity <= self.global_batch:
+            raise ConfigError(f"sampler.images_per_identity: must be in [2, global batch {self.global_batch}], "
+                              f"got {images_per_identity}")
+        if not 0.0 <= random_fraction < 1.0:
+            raise ConfigError(f"sampler.random_fraction: must be in [0, 1), got {random_fraction}")
+        order = np.argsort(labels, kind="stable")
+        ids, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
+        self._members = {int(i): order[s:s + c] for i, s, c in zip(ids, starts, counts) if c >= 2}
+        if not self._members:
+            raise DataError("training data", "no identity has 2 or more images: P×K batches need positive pairs")
+        self.num_samples = len(labels)
+        self.batch_size = int(batch_size)
+        self.images_per_identity = int(images_per_identity)
+        self.random_count = int(round(random_fraction * self.global_batch))
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples // self.global_batch
+
+    def __iter__(self):
+        rng = np.random.default_rng(derive_seed(self.seed, self.epoch, 7))
+        identities = np.fromiter(self._members, dtype=np.int64)
+        queue: list[int] = []
+        for _ in range(len(self)):
+            batch: list[int] = []
+            while len(batch) < self.global_batch - self.random_count:
+                if not queue:
+                    queue = rng.permutation(identities).tolist()
+                members = self._members[queue.pop()]
+                take = min(self.images_per_identity, len(members), self.global_batch - self.random_count - len(batch))
+                batch.extend(rng.choice(members, size=take, replace=False).tolist())
+            batch.extend(rng.integers(0, self.num_samples, size=self.random_count).tolist())
+            yield batch[self.rank::self.world_size]

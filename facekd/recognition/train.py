@@ -1,0 +1,235 @@
+"""Recognition training (`facekd recognition train`) and distillation (`... distill`), both on
+the one training engine: margin softmax on the model's embeddings, plus, when distilling,
+`weight` × a distillation loss between its embeddings and a frozen teacher's on the same
+images.
+
+A run folder holds `model.safetensors` (with its verification metrics), `report.json`,
+`roc.png` (when evaluation sets are given) and `train/` (the engine's checkpoint and
+metrics.jsonl: a killed run resumes from there when started again with the same settings).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from facekd.config import config_to_dict
+from facekd.errors import ConfigError, FacekdError
+from facekd.io.atomic import atomic_write_text
+from facekd.progress import Progress
+from facekd.recognition.config import RecognitionConfig
+
+MODEL_FILE = "model.safetensors"
+
+
+class RecognitionLoss(nn.Module):
+    """margin_softmax(model(x), y) + weight · distill(model(x), teacher(x), y)."""
+
+    def __init__(self, head: nn.Module, teacher: nn.Module | None = None, distill: nn.Module | None = None,
+                 weight: float = 1.0):
+        super().__init__()
+        from facekd.engine import freeze
+
+        if (teacher is None) != (distill is None):
+            raise ValueError("a teacher and a distillation loss go together")
+        self.head = head
+        self.teacher = freeze(teacher) if teacher is not None else None
+        self.distill = distill
+        self.weight = float(weight)
+
+    def trainable_parameters(self):
+        return list(self.head.parameters())
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        images, labels = batch["image"], batch["label"]
+        embeddings = model(images)
+        loss, metrics = self.head(embeddings, labels)
+        metrics = {"margin_loss": loss.detach(), **metrics}
+        if self.distill is not None:
+            with torch.no_grad():
+                target = self.teacher(images)
+            distill_loss, distill_metrics = self.distill(embeddings, target, labels)
+            metrics.update(distill=distill_loss.detach(), **distill_metrics)
+            loss = loss + self.weight * distill_loss
+        return loss, metrics
+
+
+def _build(choice, role: str):
+    from facekd.models import build_model
+
+    try:
+        model = build_model(choice.arch, input_size=choice.input_size, **choice.options)
+    except FacekdError as error:
+        raise ConfigError(f"{role}: {error}") from None
+    if model.task != "recognition":
+        raise ConfigError(f"{role}.arch: {choice.arch!r} is a {model.task} model; recognition needs one of "
+                          "`facekd models` with task recognition")
+    return model
+
+
+def _load_teacher(path: Path, student) -> nn.Module:
+    from facekd.models.artifact import load_model
+
+    teacher = load_model(path)
+    if teacher.task != "recognition":
+        raise ConfigError(f"{path}: the teacher is a {teacher.task} model, not a recognition model")
+    if teacher.input_size != student.input_size or teacher.normalization != student.normalization:
+        raise ConfigError(f"{path}: the teacher takes {teacher.input_size}px images normalised "
+                          f"{teacher.normalization}, the student {student.input_size}px {student.normalization}; "
+                          "distillation feeds both the same images")
+    return teacher
+
+
+def train_recognition(config: RecognitionConfig, out_dir: str | Path, *, role: Literal["teacher", "student"],
+                      teacher_path: str | Path | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Train the config's `role` model; with a teacher (for the student, when the distillation
+    method is not `none`) distil it. Returns the report (also written to out_dir/report.json)."""
+    from facekd.engine import Trainer, derive_seed, seed_everything
+    from facekd.losses.distill import build_distill_loss
+    from facekd.losses.margin import MarginSoftmax
+    from facekd.models.artifact import save_model
+    from facekd.recognition.data import IdentityBatchSampler, IdentitySource, RecognitionDataset
+
+    if config.data is None:
+        raise ConfigError("data: missing; give data.train (an identity folder or .rec) and data.eval "
+                          "(pairs.txt / .bin / identity folders), e.g. --data DIR --eval DIR2")
+    progress = progress or Progress()
+    out = Path(out_dir)
+    choice = config.teacher if role == "teacher" else config.student
+    train_cfg = config.teacher_train if role == "teacher" else config.student_train
+    method = config.distill.method if role == "student" else "none"
+    seed_everything(derive_seed(train_cfg.seed, 0 if role == "teacher" else 1))
+    model = _build(choice, role)
+
+    teacher = distill = None
+    teacher_info = None
+    if method != "none":
+        teacher_path = teacher_path or config.distill.teacher
+        if teacher_path is None:
+            raise ConfigError(f"distill.teacher: method {method!r} needs a teacher model (give --teacher MODEL)")
+        teacher = _load_teacher(Path(teacher_path), model)
+        distill = build_distill_loss(method, **config.distill.options)
+        from facekd.io.formats import file_digest
+        teacher_info = {"path": str(teacher_path), "digest": file_digest(Path(teacher_path)), "arch": teacher.arch}
+
+    source = IdentitySource(config.data.train, progress=progress)
+    cache = {"auto": "auto", "yes": True, "no": False}[config.cache]
+    dataset = RecognitionDataset(source, model.input_size, model.normalization, train=True, cache=cache,
+                                 progress=progress)
+    head = MarginSoftmax(model.embedding_size, dataset.num_classes, config.head.kind, config.head.scale,
+                         config.head.margin)
+    loss = RecognitionLoss(head, teacher, distill, config.distill.weight)
+
+    eval_sets = [_load_eval(path, model.input_size, progress) for path in config.data.eval]
+
+    def evaluate(trained) -> dict[str, float]:
+        from facekd.recognition.evaluation import evaluate_embedder, summary_metrics
+
+        if not eval_sets:
+            return {}
+        report, _ = evaluate_embedder(trained, eval_sets[0], config.eval_batch_size, config.eval_flip)
+        return summary_metrics(report)
+
+    sampler = None
+    if config.sampler.images_per_identity:
+        def sampler(rank: int, world: int):
+            return IdentityBatchSampler(dataset.labels, train_cfg.batch_size, config.sampler.images_per_identity,
+                                        random_fraction=config.sampler.random_fraction, seed=train_cfg.seed,
+                                        rank=rank, world_size=world)
+
+    settings = {"role": role, "model": config_to_dict(choice), "head": config_to_dict(config.head),
+                "sampler": config_to_dict(config.sampler), "train_data": str(config.data.train),
+                "distill": {**config_to_dict(config.distill), "method": method, "teacher": teacher_info}}
+    result = Trainer(train_cfg, out / "train", progress=progress, extra_config=settings).fit(
+        model, loss, dataset, evaluate=evaluate, batch_sampler=sampler)
+
+    from facekd.engine import is_main_process
+
+    report = {"pipeline": "recognition", "role": role, "method": method, "run_dir": str(out),
+              "train_images": len(dataset), "identities": dataset.num_classes,
+              "skipped_images": [{"path": p, "reason": r} for p, r in dataset.errors],
+              "steps": result.steps, "precision": result.precision, "resumed_from_step": result.resumed_from_step,
+              "teacher": teacher_info, "config": config_to_dict(config)}
+    if not is_main_process():
+        return report
+    report["eval"] = _final_evaluation(model, eval_sets, config, out, progress)
+    report["cost"] = _cost(model)
+    first = next(iter(report["eval"].values()), None)
+    save_model(model, out / MODEL_FILE, training_config=settings | {"train": config_to_dict(train_cfg)},
+               metrics=_flat(first) if first else {})
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    return report
+
+
+def _load_eval(path, input_size: int, progress: Progress):
+    from facekd.recognition.evaluation import load_verification_set
+
+    return load_verification_set(path, input_size, progress)
+
+
+def _flat(report: dict[str, Any]) -> dict[str, float]:
+    from facekd.recognition.evaluation import summary_metrics
+
+    return summary_metrics(report)
+
+
+def _final_evaluation(model, eval_sets, config: RecognitionConfig, out: Path, progress: Progress) -> dict:
+    from facekd.recognition.evaluation import evaluate_embedder
+    from facekd.recognition.metrics import plot_roc, roc_curve
+
+    reports, curves = {}, {}
+    for data in eval_sets:
+        progress.log(f"evaluating on {data.name} ({data.pairs} pairs)")
+        report, (scores, issame) = evaluate_embedder(model, data, config.eval_batch_size, config.eval_flip)
+        reports[data.name] = report
+        fpr, tpr, _ = roc_curve(scores, issame)
+        curves[data.name] = (fpr, tpr)
+    if curves:
+        plot_roc(curves, out / "roc.png", title=f"{model.arch} ROC")
+    return reports
+
+
+def _cost(model) -> dict[str, float]:
+    from facekd.models.cost import count_flops, count_params, measure_latency
+
+    timing = measure_latency(model, model.input_size, batch=1, warmup=2, min_time_s=0.3, max_time_s=1.5)
+    return {"params": count_params(model), "gflops": count_flops(model, model.input_size) / 1e9,
+            "cpu_ms_per_image": timing["median_ms"]}
+
+
+def format_recognition_table(rows: dict[str, dict[str, Any]], title: str, levels=(1e-2, 1e-3, 1e-4)):
+    """A rich table of recognition results: {label: {"report": verification report, "arch",
+    "params", "gflops", "cpu_ms_per_image", "method"}}."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    columns = ["Model", "Arch", "Method", *[f"TPR@{level:.0e}" for level in levels], "AUC", "EER", "Acc (10-fold)",
+               "Params M", "GFLOPs", "CPU ms/img"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("Model", "Arch", "Method") else "right", no_wrap=True)
+    for label, row in rows.items():
+        report = row["report"]
+        by_level = {r["fpr_level"]: r for r in report["tpr_at_fpr"]}
+        tprs = [f"{by_level[level]['tpr']:.4f}" if level in by_level and by_level[level]["supported"] else "n/a"
+                for level in levels]
+        accuracy = "n/a" if report.get("accuracy") is None else f"{report['accuracy']:.4f}"
+        table.add_row(label, row["arch"], row.get("method", ""), *tprs, f"{report['auc']:.4f}", f"{report['eer']:.4f}",
+                      accuracy, f"{row['params'] / 1e6:.3f}", f"{row['gflops']:.4f}", f"{row['cpu_ms_per_image']:.2f}")
+    return table
+
+
+def report_rows(reports: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Table rows from run reports ({label: report of train_recognition}), first eval set."""
+    rows = {}
+    for label, report in reports.items():
+        evaluation = next(iter(report.get("eval", {}).values()), None)
+        if evaluation is None:
+            continue
+        arch = report["config"]["teacher" if report["role"] == "teacher" else "student"]["arch"]
+        rows[label] = {"report": evaluation, "arch": arch, "method": report["method"], **report["cost"]}
+    return rows
