@@ -1,0 +1,1 @@
+"""Evaluation that joins the two halves: quality judged by recognition (EDC), reports."""
