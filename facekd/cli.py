@@ -277,6 +277,23 @@ def cmd_recognition_embed(args: argparse.Namespace) -> int:
     return 1 if summary["embedded"] == 0 else 0
 
 
+# --- evaluate ----------------------------------------------------------------------------------
+
+def cmd_evaluate_edc(args: argparse.Namespace) -> int:
+    from facekd.evaluation.quality_edc import evaluate_edc, format_edc_table
+
+    report = evaluate_edc(args.recognizer, args.quality, pairs=args.pairs, identities=args.identities, out=args.out,
+                          fmr=args.fmr, start_fnmr=args.start_fnmr, limits=args.limit or (0.2, 0.3),
+                          batch_size=args.batch_size, names=args.name, progress=_progress(args))
+    _console().print(format_edc_table(report))
+    if report["skipped_images"]:
+        first = report["skipped_images"][0]
+        _console().print(f"skipped {len(report['skipped_images'])} unreadable images "
+                         f"({report['skipped_comparisons']} comparisons), e.g. {first['path']}: {first['reason']}")
+    _console().print(f"report: {Path(args.out) / 'report.json'}, plot: {report['plot']}")
+    return 0
+
+
 # --- models ------------------------------------------------------------------------------------
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -448,6 +465,23 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--flip", action="store_true", help="add the flipped image's embedding (as in eval)")
     _add_common(embed)
     embed.set_defaults(func=cmd_recognition_embed)
+
+    evaluate_cmd = commands.add_parser("evaluate", help="quality judged by recognition (EDC)")
+    evaluate_commands = evaluate_cmd.add_subparsers(dest="evaluate_command", metavar="KIND", required=True)
+    edc = evaluate_commands.add_parser("edc", help="Error-versus-Discard Characteristic of quality models")
+    edc.add_argument("--recognizer", required=True, help="recognition model file")
+    edc.add_argument("--quality", action="append", required=True, help="quality model file, repeatable")
+    edc.add_argument("--name", action="append", help="label of each --quality model in order (default: its folder)")
+    source = edc.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pairs", help="pairs file (path_a path_b same)")
+    source.add_argument("--identities", help="identity folder: every pair of its images")
+    edc.add_argument("--out", required=True, help="folder for report.json and edc.png")
+    edc.add_argument("--fmr", type=float, default=1e-3, help="FMR at which the threshold is fixed (default 1e-3)")
+    edc.add_argument("--start-fnmr", type=float, help="fix the threshold at this starting FNMR instead")
+    edc.add_argument("--limit", type=float, action="append", help="pAUC discard limit, repeatable (default 0.2, 0.3)")
+    edc.add_argument("--batch-size", type=int, default=64)
+    _add_common(edc)
+    edc.set_defaults(func=cmd_evaluate_edc)
 
     export = commands.add_parser("export", help="export a model file to ONNX (checked against torch)")
     export.add_argument("model", help="model file (.safetensors)")

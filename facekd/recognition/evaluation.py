@@ -110,21 +110,25 @@ def _named(errors) -> list[tuple[str, str]]:
 
 
 @torch.no_grad()
-def embed_images(model, images: np.ndarray, batch_size: int = 128, flip: bool = True) -> np.ndarray:
-    """L2-normalised float32 embeddings of uint8 NHWC images (flip: + the mirrored image's)."""
+def embed_images(model, images: np.ndarray, batch_size: int = 128, flip: bool = True,
+                 with_norms: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """L2-normalised float32 embeddings of uint8 NHWC images (flip: + the mirrored image's);
+    `with_norms` also returns the norms before normalisation (a quality cue of the recognizer)."""
     was_training = model.training
     model.eval()
-    out = []
+    out, norms = [], []
     try:
         for start in range(0, len(images), batch_size):
             batch = model.normalize(images[start:start + batch_size])
             embedding = model(batch).float()
             if flip:
                 embedding = embedding + model(batch.flip(3)).float()
+            norms.append(embedding.norm(dim=1).cpu())
             out.append(torch.nn.functional.normalize(embedding, dim=1).cpu())
     finally:
         model.train(was_training)
-    return torch.cat(out).numpy()
+    embeddings = torch.cat(out).numpy()
+    return (embeddings, torch.cat(norms).numpy()) if with_norms else embeddings
 
 
 def pair_scores(data: VerificationData, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
