@@ -334,3 +334,14 @@ def test_a_quality_that_ranks_by_error_beats_random_and_not_the_theoretical_best
     assert oracle["minus_best"] >= -1e-12  # the theoretical best is a lower bound
     assert oracle["pauc"] < report["random"]["pauc"]["0.2"]["pauc"]
     assert math.isclose(report["theoretical_best"]["pauc"]["0.2"]["minus_best"], 0.0, abs_tol=1e-15)
+
+
+def test_pauc_normalised_by_the_theoretical_best():
+    from facekd.evaluation.edc import pauc_summary
+
+    # start FNMR 0.1, limit 0.2: no-gain area 0.02, best area 0.1²/2 = 0.005
+    summary = pauc_summary(0.0125, 0.1, 0.2)
+    assert summary["normalized"] == pytest.approx(0.5)
+    assert summary["relative_to_start"] == pytest.approx(0.625)
+    assert summary["minus_best"] == pytest.approx(0.0075)
+    assert pauc_summary(0.0, 0.0, 0.2)["normalized"] is None

@@ -301,13 +301,17 @@ def pauc_summary(pauc: float, fnmr_start: float, limit: float) -> dict[str, floa
       (a random order in expectation): 1 means no gain, 0 a perfect quality; None when
       fnmr_start is 0;
     - "minus_best": pauc - best_partial_auc(fnmr_start, limit), the excess over the theoretical
-      best (0 is best).
+      best (0 is best);
+    - "normalized": (pauc - best) / (no-gain area - best): 0 is the theoretical best, 1 no gain
+      over not discarding (above 1: worse than that); None when fnmr_start is 0.
     """
     start_area = float(fnmr_start) * float(limit)
+    best = best_partial_auc(fnmr_start, limit)
     return {
         "pauc": float(pauc),
         "relative_to_start": float(pauc) / start_area if start_area > 0.0 else None,
-        "minus_best": float(pauc) - best_partial_auc(fnmr_start, limit),
+        "minus_best": float(pauc) - best,
+        "normalized": (float(pauc) - best) / (start_area - best) if start_area > best else None,
     }
 
 

@@ -108,7 +108,7 @@ def evaluate_edc(recognizer: PathLike, qualities: Sequence[PathLike], *, pairs: 
                        if name != EMBEDDING_NORM}
     quality_by_name[EMBEDDING_NORM] = pair_quality(norms[first], norms[second])
     report = edc_report(scores, issame, quality_by_name, fmr=fmr, start_fnmr=start_fnmr, limits=limits)
-    report.update(recognizer=str(recognizer), quality_models=dict(zip(names, map(str, qualities))),
+    report.update(pipeline="edc", recognizer=str(recognizer), quality_models=dict(zip(names, map(str, qualities))),
                   comparisons_source=str(pairs or identities),
                   skipped_images=[{"path": str(p), "reason": r} for p, r in errors],
                   skipped_comparisons=int((~usable).sum()))
@@ -123,7 +123,8 @@ def evaluate_edc(recognizer: PathLike, qualities: Sequence[PathLike], *, pairs: 
 
 
 def format_edc_table(report: dict[str, Any]):
-    """A rich table: pAUC (raw, ÷ no-discard area, − theoretical best) at each limit per curve."""
+    """A rich table per curve and limit: pAUC, pAUC ÷ the no-discard area (1: no gain) and
+    normalised by the theoretical best ((pAUC − best) / (no-discard − best): 0 best, 1 no gain)."""
     from rich.table import Table
 
     limits = report["limits"]
@@ -131,15 +132,14 @@ def format_edc_table(report: dict[str, Any]):
                         f"threshold {report['threshold']:.4f} (start FNMR {report['start_fnmr']:.4f})")
     table.add_column("Quality", no_wrap=True)
     for limit in limits:
-        for what in ("pAUC", "÷ no discard", "− best"):
+        for what in ("pAUC", "÷ no discard", "normalised"):
             table.add_column(f"{what} @{limit:g}", justify="right", no_wrap=True)
     rows = {**report["qualities"], "random": report["random"], "theoretical best": report["theoretical_best"]}
     for name, entry in rows.items():
         cells = []
         for limit in limits:
             summary = entry["pauc"][str(limit)]
-            relative = summary["relative_to_start"]
-            cells += [f"{summary['pauc']:.4f}", "n/a" if relative is None else f"{relative:.3f}",
-                      f"{summary['minus_best']:.4f}"]
+            cells += [f"{summary['pauc']:.4f}"] + ["n/a" if summary[key] is None else f"{summary[key]:.3f}"
+                                                   for key in ("relative_to_start", "normalized")]
         table.add_row(name, *cells)
     return table
