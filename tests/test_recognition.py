@@ -241,3 +241,25 @@ def test_cli_train_distill_eval_embed(faces, tmp_path, capsys):
 
     assert main(["recognition", "eval", str(teacher), "-q"]) == 2
     assert "give a verification set" in capsys.readouterr().err
+
+
+def test_ekd_distillation_on_two_processes(faces, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from facekd.models import build_model
+    from facekd.models.artifact import save_model
+    teacher = tmp_path / "teacher.safetensors"
+    save_model(build_model("mobilefacenet", input_size=32, embedding_size=32), teacher)
+    job = Path(__file__).parent / "jobs" / "recognition_ddp.py"
+    done = subprocess.run([sys.executable, str(job), str(faces / "train"), str(teacher), str(tmp_path / "run")],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "run" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1] == {"steps": 3, "method": "ekd"}
+    history = [json.loads(line) for line in (tmp_path / "run" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history if r["event"] == "train"] == [1, 2, 3]
+    assert all(r["ekd_thr_student"] == r["ekd_thr_student"] for r in history if r["event"] == "train")  # not NaN
+    assert (tmp_path / "run" / "model.safetensors").is_file() and (tmp_path / "run" / "report.json").is_file()
