@@ -78,42 +78,28 @@ def cmd_synth_quality(args: argparse.Namespace) -> int:
 
 # --- demo --------------------------------------------------------------------------------------
 
-DEMO_QUALITY = {"labeled": 800, "unlabeled": 1600, "test": 500}
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    from facekd.config import load_config
-    from facekd.quality.config import QualityRunConfig, data_overrides
-    from facekd.quality.pipeline import QualityPipeline, format_report_table
-    from facekd.synth import generate_identities, generate_quality
-    from facekd.synth.datasets import existing_dataset
+    from facekd.demo import run_edc_demo, run_quality_demo, run_recognition_demo
+    from facekd.evaluation.quality_edc import format_edc_table
+    from facekd.quality.pipeline import format_report_table
+    from facekd.recognition.train import format_recognition_table, report_rows
 
     out = Path(args.out)
     progress = _progress(args)
-    quality_data = out / "quality_data"
-    settings = dict(seed=args.seed, **DEMO_QUALITY)
-    if not existing_dataset(quality_data, kind="quality", **settings) or args.overwrite:
-        generate_quality(quality_data, workers=args.workers, progress=progress, overwrite=args.overwrite, **settings)
-    if not existing_dataset(out / "identities", kind="identities", seed=args.seed) or args.overwrite:
-        generate_identities(out / "identities", seed=args.seed, workers=args.workers,
-                            formats=("folder", "rec", "bin"), progress=progress, overwrite=args.overwrite)
-    config = load_config(Path(__file__).parent / "configs" / "quality" / "demo.yaml", QualityRunConfig,
-                         overrides=data_overrides(quality_data) + [f"teacher_train.seed={args.seed}",
-                                                                    f"student_train.seed={args.seed}"])
-    report = QualityPipeline(config, out / "quality", progress=progress).run(force=("t0",) if args.overwrite else ())
     console = _console()
-    console.print(format_report_table(report))
-    console.print(f"quality run: {out / 'quality'} (report.json, models, pseudo-labels); "
-                  f"synthetic data: {quality_data}, {out / 'identities'}")
-
-    from facekd.recognition.demo import run_recognition_demo
-    from facekd.recognition.train import format_recognition_table, report_rows
-
-    reports = run_recognition_demo(out, seed=args.seed, workers=args.workers, overwrite=args.overwrite,
-                                   progress=progress)
+    common = dict(seed=args.seed, workers=args.workers, overwrite=args.overwrite, progress=progress)
+    console.print(format_report_table(run_quality_demo(out, **common)))
+    console.print(f"quality run: {out / 'quality'} (report.json, models, pseudo-labels)")
+    reports = run_recognition_demo(out, **common)
     console.print(format_recognition_table(report_rows(reports), "Recognition distillation — every pair of "
                                            "60 unseen synthetic identities (GFLOPs = multiply-adds)"))
     console.print(f"recognition runs: {out / 'recognition'} (teacher, student, ekd: model, report.json, roc.png)")
+    edc = run_edc_demo(out, **common)
+    console.print(format_edc_table(edc))
+    console.print(f"EDC of T0, T1 and S with the EKD student as recognizer: {edc['plot']}")
+    from facekd.evaluation.report import write_report
+
+    console.print(f"HTML report of every run: {write_report(out, progress=progress)}")
     return 0
 
 
@@ -291,6 +277,14 @@ def cmd_evaluate_edc(args: argparse.Namespace) -> int:
         _console().print(f"skipped {len(report['skipped_images'])} unreadable images "
                          f"({report['skipped_comparisons']} comparisons), e.g. {first['path']}: {first['reason']}")
     _console().print(f"report: {Path(args.out) / 'report.json'}, plot: {report['plot']}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from facekd.evaluation.report import write_report
+
+    path = write_report(args.run_dir, args.out, gallery=args.gallery, progress=_progress(args))
+    _console().print(f"report: {path}")
     return 0
 
 
@@ -482,6 +476,13 @@ def build_parser() -> argparse.ArgumentParser:
     edc.add_argument("--batch-size", type=int, default=64)
     _add_common(edc)
     edc.set_defaults(func=cmd_evaluate_edc)
+
+    report = commands.add_parser("report", help="a self-contained HTML page of any facekd run folder")
+    report.add_argument("run_dir", help="a run folder (quality, recognition, EDC) or a folder holding several")
+    report.add_argument("--out", help="HTML file to write (default: RUN_DIR/report.html)")
+    report.add_argument("--gallery", type=int, default=48, help="test images in the quality gallery (default 48)")
+    _add_common(report)
+    report.set_defaults(func=cmd_report)
 
     export = commands.add_parser("export", help="export a model file to ONNX (checked against torch)")
     export.add_argument("model", help="model file (.safetensors)")

@@ -191,7 +191,8 @@ def evaluate_model(model_path: PathLike, sets: list[PathLike], out: PathLike | N
         report, (scores, issame) = evaluate_embedder(model, data, batch_size, flip)
         reports[str(path)] = report
         curves[data.name] = roc_curve(scores, issame)[:2]
-    result = {"model": str(model_path), "arch": model.arch, "flip": flip, "sets": reports}
+    result = {"pipeline": "verification", "model": str(model_path), "arch": model.arch, "flip": flip,
+              "sets": reports}
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
