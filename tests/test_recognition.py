@@ -10,30 +10,12 @@ import pytest
 import torch
 
 from facekd.cli import main
-from facekd.config import config_from_dict
 from facekd.errors import ConfigError, DataError
 from facekd.losses.margin import MarginSoftmax
-from facekd.recognition.config import RecognitionConfig
 from facekd.recognition.data import IdentityBatchSampler, IdentitySource, RecognitionDataset
 from facekd.recognition.train import train_recognition
 from facekd.synth import generate_identities
-
-TRAIN = {"epochs": 1, "batch_size": 16, "optimizer": "sgd", "lr": 0.05, "accelerator": "cpu",
-         "eval_every_epochs": 0, "log_every_steps": 2}
-
-
-def tiny_config(data, **changes):
-    raw = {"teacher": {"arch": "mobilefacenet", "input_size": 32, "options": {"embedding_size": 32}},
-           "student": {"arch": "mobilefacenet", "input_size": 32,
-                       "options": {"embedding_size": 32, "width_mult": 0.5, "blocks": [1, 1, 1, 1]}},
-           "teacher_train": TRAIN, "student_train": TRAIN, "head": {"scale": 16.0},
-           "sampler": {"images_per_identity": 4, "random_fraction": 0.25},
-           "data": {"train": str(data / "train"), "eval": [str(data / "test"), str(data / "test" / "pairs.txt")]},
-           "eval_batch_size": 32}
-    for key, value in changes.items():
-        raw[key] = value
-    return config_from_dict(raw, RecognitionConfig)
-
+from helpers import tiny_recognition_config as tiny_config
 
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory):

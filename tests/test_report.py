@@ -16,7 +16,6 @@ import cv2
 import numpy as np
 import pytest
 
-from facekd.config import config_from_dict, load_config
 from facekd.errors import ConfigError, DataError
 from facekd.evaluation.quality_edc import evaluate_edc
 from facekd.evaluation.report import find_reports, render_report, write_report
@@ -25,9 +24,9 @@ from facekd.quality.config import QualityRunConfig, data_overrides
 from facekd.quality.data import from_csv, load_images
 from facekd.quality.pipeline import QualityPipeline
 from facekd.quality.pseudo import predict
-from facekd.recognition.config import RecognitionConfig
 from facekd.recognition.train import train_recognition
 from facekd.synth import generate_identities, generate_quality
+from helpers import tiny_recognition_config as shared_config
 
 TINY = """
 teacher: {arch: mobilenetv3_small, input_size: 64}
@@ -42,15 +41,7 @@ GALLERY = 10
 
 
 def tiny_recognition_config(data, **changes):
-    raw = {"teacher": {"arch": "mobilefacenet", "input_size": 32, "options": {"embedding_size": 32}},
-           "student": {"arch": "mobilefacenet", "input_size": 32,
-                       "options": {"embedding_size": 32, "width_mult": 0.5, "blocks": [1, 1, 1, 1]}},
-           "teacher_train": TRAIN, "student_train": TRAIN, "head": {"scale": 16.0},
-           "sampler": {"images_per_identity": 4, "random_fraction": 0.25},
-           "data": {"train": str(data / "train"), "eval": [str(data / "test"), str(data / "test" / "pairs.txt")]},
-           "eval_batch_size": 32}
-    raw.update(changes)
-    return config_from_dict(raw, RecognitionConfig)
+    return shared_config(data, train=TRAIN, **changes)
 
 
 @pytest.fixture(scope="module")

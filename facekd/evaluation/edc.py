@@ -63,18 +63,9 @@ def _check_finite_scores(scores: np.ndarray, what: str) -> None:
 
 def _as_scores_and_labels(scores: ArrayLike, issame: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """(float64 finite scores, bool issame) of one equal length."""
-    score_arr = _as_vector(scores, "similarity scores")
-    same_arr = np.asarray(issame)
-    if same_arr.ndim != 1:
-        raise FacekdError(f"edc: issame must be 1-D, got shape {same_arr.shape}")
-    if same_arr.dtype != bool:
-        if not np.issubdtype(same_arr.dtype, np.number) or not np.isin(same_arr, (0, 1)).all():
-            raise FacekdError("edc: issame must hold booleans or 0/1 values")
-        same_arr = same_arr.astype(bool)
-    if score_arr.size != same_arr.size:
-        raise FacekdError(f"edc: {score_arr.size} similarity scores but {same_arr.size} issame labels")
-    _check_finite_scores(score_arr, "similarity scores")
-    return score_arr, same_arr
+    from facekd.recognition.metrics import comparison_arrays
+
+    return comparison_arrays(scores, issame, where="edc", need_both=False)
 
 
 def _genuine_only(scores: np.ndarray, issame: np.ndarray) -> np.ndarray:

@@ -36,37 +36,41 @@ ArrayLike = Sequence[float] | np.ndarray
 # ---------------------------------------------------------------- validation
 
 
-def _as_scores_and_labels(scores: ArrayLike, issame: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """Validate and convert to (float64 scores, bool issame) with >= 1 genuine and >= 1 impostor pair."""
+def comparison_arrays(scores: ArrayLike, issame: ArrayLike, where: str = "verification metrics",
+                      need_both: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Validate and convert to (float64 finite scores, bool issame) of one length; with
+    `need_both`, at least one genuine and one impostor pair. Errors start with `where`."""
     try:
         score_arr = np.asarray(scores, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise FacekdError(f"verification metrics: scores are not numbers ({exc})") from None
+        raise FacekdError(f"{where}: scores are not numbers ({exc})") from None
     if score_arr.ndim != 1:
-        raise FacekdError(f"verification metrics: scores must be 1-D, got shape {score_arr.shape}")
+        raise FacekdError(f"{where}: scores must be 1-D, got shape {score_arr.shape}")
     same_arr = np.asarray(issame)
     if same_arr.ndim != 1:
-        raise FacekdError(f"verification metrics: issame must be 1-D, got shape {same_arr.shape}")
+        raise FacekdError(f"{where}: issame must be 1-D, got shape {same_arr.shape}")
     if same_arr.dtype != bool:
         if not np.issubdtype(same_arr.dtype, np.number) or not np.isin(same_arr, (0, 1)).all():
-            raise FacekdError("verification metrics: issame must hold booleans or 0/1 values")
+            raise FacekdError(f"{where}: issame must hold booleans or 0/1 values")
         same_arr = same_arr.astype(bool)
     if score_arr.size != same_arr.size:
-        raise FacekdError(f"verification metrics: {score_arr.size} scores but {same_arr.size} issame labels")
-    if score_arr.size == 0:
-        raise FacekdError("verification metrics: no pairs")
+        raise FacekdError(f"{where}: {score_arr.size} scores but {same_arr.size} issame labels")
+    if score_arr.size == 0 and need_both:
+        raise FacekdError(f"{where}: no pairs")
     nan_count = int(np.isnan(score_arr).sum())
     inf_count = int(np.isinf(score_arr).sum())
     if nan_count or inf_count:
         first = int(np.flatnonzero(~np.isfinite(score_arr))[0])
-        raise FacekdError(f"verification metrics: {nan_count} NaN and {inf_count} infinite score(s) "
+        raise FacekdError(f"{where}: {nan_count} NaN and {inf_count} infinite score(s) "
                           f"among {score_arr.size} pairs, first at index {first}")
-    positives = int(same_arr.sum())
-    if positives == 0:
-        raise FacekdError(f"verification metrics: no genuine (same-identity) pair among {same_arr.size}")
-    if positives == same_arr.size:
-        raise FacekdError(f"verification metrics: no impostor (different-identity) pair among {same_arr.size}")
+    if need_both:
+        positives = int(same_arr.sum())
+        if positives == 0:
+            raise FacekdError(f"{where}: no genuine (same-identity) pair among {same_arr.size}")
+        if positives == same_arr.size:
+            raise FacekdError(f"{where}: no impostor (different-identity) pair among {same_arr.size}")
     return score_arr, same_arr
+
 
 
 def _as_levels(levels: Sequence[float]) -> list[float]:
@@ -121,7 +125,7 @@ def roc_curve(scores: ArrayLike, issame: ArrayLike) -> tuple[np.ndarray, np.ndar
     threshold +inf and ends at (1, 1). Same as `sklearn.metrics.roc_curve(...,
     drop_intermediate=False)`.
     """
-    score_arr, same_arr = _as_scores_and_labels(scores, issame)
+    score_arr, same_arr = comparison_arrays(scores, issame)
     fps, tps, thresholds = _roc_counts(score_arr, same_arr)
     return fps / fps[-1], tps / tps[-1], thresholds
 
@@ -166,7 +170,7 @@ def tpr_at_fpr(scores: ArrayLike, issame: ArrayLike,
     false_accepts (the number allowed).
     """
     level_list = _as_levels(levels)
-    score_arr, same_arr = _as_scores_and_labels(scores, issame)
+    score_arr, same_arr = comparison_arrays(scores, issame)
     return _tpr_at_fpr_from_counts(*_roc_counts(score_arr, same_arr), level_list)
 
 
@@ -235,7 +239,7 @@ def kfold_accuracy(scores: ArrayLike, issame: ArrayLike, folds: int = 10) -> dic
     Returns {"mean", "std" (population, ddof=0), "thresholds", "fold_accuracies"}.
     """
     fold_count = _as_folds(folds)
-    score_arr, same_arr = _as_scores_and_labels(scores, issame)
+    score_arr, same_arr = comparison_arrays(scores, issame)
     return _kfold_accuracy(score_arr, same_arr, fold_count)
 
 
@@ -252,7 +256,7 @@ def verification_report(scores: ArrayLike, issame: ArrayLike, levels: Sequence[f
     """
     level_list = _as_levels(levels)
     fold_count = _as_folds(folds)
-    score_arr, same_arr = _as_scores_and_labels(scores, issame)
+    score_arr, same_arr = comparison_arrays(scores, issame)
     fps, tps, thresholds = _roc_counts(score_arr, same_arr)
     fpr, tpr = fps / fps[-1], tps / tps[-1]
     accuracy = _kfold_accuracy(score_arr, same_arr, fold_count) if score_arr.size >= fold_count else None

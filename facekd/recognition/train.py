@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -158,7 +157,7 @@ def train_recognition(config: RecognitionConfig, out_dir: str | Path, *, role: L
     if not is_main_process():
         return report
     report["eval"] = _final_evaluation(model, eval_sets, config, out, progress)
-    report["cost"] = _cost(model)
+    report["cost"] = _cost(model.cpu())  # CPU latency, whatever the training device
     first = next(iter(report["eval"].values()), None)
     save_model(model, out / MODEL_FILE, training_config=settings | {"train": config_to_dict(train_cfg)},
                metrics=_flat(first) if first else {})
