@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
+from facekd.config import load_config
 from facekd.errors import ConfigError, DataError
 from facekd.evaluation.quality_edc import evaluate_edc
 from facekd.evaluation.report import find_reports, render_report, write_report
