@@ -90,8 +90,8 @@ def evaluate_edc(recognizer: PathLike, qualities: Sequence[PathLike], *, pairs: 
     fr_model = load_model(recognizer)
     check_embedder(fr_model, recognizer)
     images, readable, errors = _decode(paths, fr_model.input_size, cache, progress)
-    with progress.task("embedding", 1):
-        embeddings, norms = embed_images(fr_model, images, batch_size, flip=True, with_norms=True)
+    progress.log(f"embedding {len(paths)} images with {fr_model.arch}")
+    embeddings, norms = embed_images(fr_model, images, batch_size, flip=True, with_norms=True)
     image_quality = {EMBEDDING_NORM: norms}
     for name, path in zip(names, qualities):
         model = load_model(path)
