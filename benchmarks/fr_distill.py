@@ -8,7 +8,7 @@ seed 2) and test (60 × 10, seed 1), 64×64, difficulty 0.3; verification on eve
 test identities (≈ 180 000 pairs: TPR down to FPR 1e-5) and 10-fold accuracy on the test
 set's balanced pairs.txt. The config is configs/recognition/demo.yaml with the epochs below.
 
-Same tuning effort for every method: each gets the same number of loss-weight candidates
+Same tuning effort for every method: each gets the same number (3) of loss-weight candidates
 (--grid), tried with the first seed; the candidate with the best VALIDATION TPR@1e-3 is then
 run with every seed and reported on the test set. The teacher is trained once (seed 0).
 Runs already finished in --work are reused. Targets checked on the means: the teacher beats
@@ -28,7 +28,8 @@ CONFIG = Path(__file__).resolve().parents[1] / "facekd" / "configs" / "recogniti
 DATA = {"train": dict(identities=300, images_per_identity=12, seed=0),
         "val": dict(identities=60, images_per_identity=10, seed=2),
         "test": dict(identities=60, images_per_identity=10, seed=1, pairs=3000)}
-GRID = {"feature": (1.0, 10.0), "rkd": (1.0, 10.0), "similarity": (100.0, 1000.0), "ekd": (1.0, 10.0)}
+GRID = {"feature": (1.0, 10.0, 100.0), "rkd": (1.0, 10.0, 100.0), "similarity": (100.0, 1000.0, 10000.0),
+        "ekd": (1.0, 10.0, 100.0)}
 LEVELS = (1e-2, 1e-3, 1e-4, 1e-5)
 
 
