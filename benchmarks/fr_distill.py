@@ -9,7 +9,7 @@ test identities (≈ 180 000 pairs: TPR down to FPR 1e-5) and 10-fold accuracy o
 set's balanced pairs.txt. The config is configs/recognition/demo.yaml with the epochs below.
 
 Same tuning effort for every method: each gets the same number (3) of loss-weight candidates
-(--grid), tried with the first seed; the candidate with the best VALIDATION TPR@1e-3 is then
+(GRID below), tried with the first seed; the candidate with the best VALIDATION TPR@1e-3 is then
 run with every seed and reported on the test set. The teacher is trained once (seed 0).
 Runs already finished in --work are reused. Targets checked on the means: the teacher beats
 the student alone at FPR 1e-3 by more than the student's seed spread; EKD closes ≥ 25 % of
