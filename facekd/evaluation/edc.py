@@ -22,7 +22,6 @@ Quality Assessment Algorithms" (IEEE T-BIOM 2023). Conventions, shared by every 
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from pathlib import Path
@@ -30,8 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from facekd.errors import ConfigError, DataError, FacekdError
-from facekd.io.atomic import atomic_write_bytes
+from facekd.errors import ConfigError, FacekdError
 
 # slack for `rate * count` landing a rounding error below an integer (as recognition.metrics)
 _COUNT_TOLERANCE = 1e-9
@@ -400,8 +398,7 @@ def plot_edc(report: Mapping[str, Any], path: str | os.PathLike, title: str | No
     `x_max`, by default the largest limit + 0.1 (at most 1); pass 1.0 for the full curve.
     The file is written atomically.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from facekd.plots import new_figure, save_png
 
     missing = [key for key in ("limits", "qualities", "random", "theoretical_best") if key not in report]
     if missing:
@@ -419,8 +416,7 @@ def plot_edc(report: Mapping[str, Any], path: str | os.PathLike, title: str | No
         # hold the last value to the right edge, as partial_auc does
         return np.r_[discard, max(right, discard[-1])], np.r_[fnmr, fnmr[-1]]
 
-    figure = Figure(figsize=(6.4, 4.8), dpi=100)
-    FigureCanvasAgg(figure)
+    figure = new_figure()
     axes = figure.add_subplot()
     shown_fnmr = []
     for name, entry in report["qualities"].items():
@@ -448,10 +444,4 @@ def plot_edc(report: Mapping[str, Any], path: str | os.PathLike, title: str | No
     axes.grid(True, alpha=0.4)
     axes.legend(loc="upper right", fontsize="small")
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    try:
-        atomic_write_bytes(path, buffer.getvalue())
-    except OSError as exc:
-        raise DataError(path, f"cannot write the EDC plot: {exc.strerror or exc}") from None
-    return Path(path)
+    return save_png(figure, path, "EDC plot")

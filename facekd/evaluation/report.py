@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import datetime
 import html
-import io
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from facekd.errors import ConfigError, DataError, FacekdError
+from facekd.plots import png_bytes
 from facekd.progress import Progress
 
 PathLike = str | os.PathLike
@@ -266,12 +266,9 @@ def _img(data: bytes, mime: str, alt: str, css: str = "plot", extra: str = "") -
 
 
 def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from facekd.plots import new_figure
 
-    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
+    return new_figure(width, height, layout="constrained")
 
 
 def _step_axis(axes) -> None:
@@ -280,12 +277,6 @@ def _step_axis(axes) -> None:
 
     axes.set_xlabel("step")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-
-
-def _png_bytes(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
 
 
 def _jpeg_bytes(image_rgb: np.ndarray, max_side: int = THUMB_PX) -> tuple[bytes, int, int]:
@@ -418,7 +409,7 @@ def _quality_curves(curves: Mapping[str, list[dict[str, Any]] | None]) -> str:
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
     alt = " and ".join(title.lower() for title, _, _ in panels) + " against step"
-    return notes + _img(_png_bytes(figure), "image/png", alt)
+    return notes + _img(png_bytes(figure), "image/png", alt)
 
 
 @dataclass
@@ -505,7 +496,7 @@ def _quality_scatter(predictions: Mapping[str, _Predictions], models: Mapping[st
         axes.grid(alpha=0.3)
     for axes in grid[count:]:
         axes.set_visible(False)
-    return _img(_png_bytes(figure), "image/png", "predicted against true MOS for each model")
+    return _img(png_bytes(figure), "image/png", "predicted against true MOS for each model")
 
 
 def _spread(count: int, wanted: int) -> np.ndarray:
@@ -604,7 +595,7 @@ def _recognition_curves(records: list[dict[str, Any]]) -> str:
         axes.set_title(key.replace("_", " "))
         _step_axis(axes)
         axes.grid(alpha=0.3)
-    return _img(_png_bytes(figure), "image/png", "training losses against step: " + ", ".join(series))
+    return _img(png_bytes(figure), "image/png", "training losses against step: " + ", ".join(series))
 
 
 def _recognition_comparison(runs: Sequence[tuple[Path, Mapping[str, Any]]]) -> str:

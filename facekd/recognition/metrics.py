@@ -11,7 +11,6 @@ Conventions, shared by every function here:
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from pathlib import Path
@@ -19,8 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from facekd.errors import ConfigError, DataError, FacekdError
-from facekd.io.atomic import atomic_write_bytes
+from facekd.errors import ConfigError, FacekdError
 
 FPR_LEVELS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 
@@ -340,8 +338,7 @@ def plot_roc(curves: Mapping[str, tuple[ArrayLike, ArrayLike]], path: str | os.P
     below 1) to 1; points at lower FPR (FPR = 0) are drawn at its left edge. Dotted lines mark
     the `FPR_LEVELS` in range. The file is written atomically.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from facekd.plots import new_figure, save_png
 
     if not curves:
         raise ValueError("plot_roc: no curves to plot")
@@ -355,8 +352,7 @@ def plot_roc(curves: Mapping[str, tuple[ArrayLike, ArrayLike]], path: str | os.P
     positive = [float(fpr[(fpr > 0) & (fpr < 1)].min()) for _, fpr, _ in prepared if ((fpr > 0) & (fpr < 1)).any()]
     x_min = min(positive) if positive else _PLOT_MIN_FPR
 
-    figure = Figure(figsize=(6.4, 4.8), dpi=100)
-    FigureCanvasAgg(figure)
+    figure = new_figure()
     axes = figure.add_subplot()
     for level in FPR_LEVELS:
         if x_min <= level <= 1.0:
@@ -374,10 +370,4 @@ def plot_roc(curves: Mapping[str, tuple[ArrayLike, ArrayLike]], path: str | os.P
     axes.grid(True, which="minor", alpha=0.15)
     axes.legend(loc="lower right")
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    try:
-        atomic_write_bytes(path, buffer.getvalue())
-    except OSError as exc:
-        raise DataError(path, f"cannot write the ROC plot: {exc.strerror or exc}") from None
-    return Path(path)
+    return save_png(figure, path, "ROC plot")

@@ -134,12 +134,12 @@ def train_recognition(config: RecognitionConfig, out_dir: str | Path, *, role: L
         report, _ = evaluate_embedder(trained, eval_sets[0], config.eval_batch_size, config.eval_flip)
         return summary_metrics(report)
 
-    sampler = None
-    if config.sampler.images_per_identity:
-        def sampler(rank: int, world: int):
-            return IdentityBatchSampler(dataset.labels, train_cfg.batch_size, config.sampler.images_per_identity,
-                                        random_fraction=config.sampler.random_fraction, seed=train_cfg.seed,
-                                        rank=rank, world_size=world)
+    def balanced_sampler(rank: int, world: int):
+        return IdentityBatchSampler(dataset.labels, train_cfg.batch_size, config.sampler.images_per_identity,
+                                    random_fraction=config.sampler.random_fraction, seed=train_cfg.seed,
+                                    rank=rank, world_size=world)
+
+    sampler = balanced_sampler if config.sampler.images_per_identity else None
 
     settings = {"role": role, "model": config_to_dict(choice), "head": config_to_dict(config.head),
                 "sampler": config_to_dict(config.sampler), "train_data": str(config.data.train),
