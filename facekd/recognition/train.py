@@ -93,6 +93,7 @@ def train_recognition(config: RecognitionConfig, out_dir: str | Path, *, role: L
     from facekd.losses.margin import MarginSoftmax
     from facekd.models.artifact import save_model
     from facekd.recognition.data import IdentityBatchSampler, IdentitySource, RecognitionDataset
+    from facekd.recognition.evaluation import evaluate_embedder, load_verification_set, summary_metrics
 
     if config.data is None:
         raise ConfigError("data: missing; give data.train (an identity folder or .rec) and data.eval "
@@ -124,11 +125,9 @@ def train_recognition(config: RecognitionConfig, out_dir: str | Path, *, role: L
                          config.head.margin)
     loss = RecognitionLoss(head, teacher, distill, config.distill.weight)
 
-    eval_sets = [_load_eval(path, model.input_size, progress) for path in config.data.eval]
+    eval_sets = [load_verification_set(path, model.input_size, progress) for path in config.data.eval]
 
     def evaluate(trained) -> dict[str, float]:
-        from facekd.recognition.evaluation import evaluate_embedder, summary_metrics
-
         if not eval_sets:
             return {}
         report, _ = evaluate_embedder(trained, eval_sets[0], config.eval_batch_size, config.eval_flip)
@@ -160,21 +159,9 @@ def train_recognition(config: RecognitionConfig, out_dir: str | Path, *, role: L
     report["cost"] = _cost(model.cpu())  # CPU latency, whatever the training device
     first = next(iter(report["eval"].values()), None)
     save_model(model, out / MODEL_FILE, training_config=settings | {"train": config_to_dict(train_cfg)},
-               metrics=_flat(first) if first else {})
+               metrics=summary_metrics(first) if first else {})
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
     return report
-
-
-def _load_eval(path, input_size: int, progress: Progress):
-    from facekd.recognition.evaluation import load_verification_set
-
-    return load_verification_set(path, input_size, progress)
-
-
-def _flat(report: dict[str, Any]) -> dict[str, float]:
-    from facekd.recognition.evaluation import summary_metrics
-
-    return summary_metrics(report)
 
 
 def _final_evaluation(model, eval_sets, config: RecognitionConfig, out: Path, progress: Progress) -> dict:
