@@ -27,7 +27,8 @@ class ProgressTask:
 class Progress:
     """Silent reporter; subclass to display. Also the interface every reporter follows."""
 
-    def task(self, description: str, total: int | None = None) -> ProgressTask:
+    def task(self, description: str, total: int | None = None, unit: str = "") -> ProgressTask:
+        """A bar of `total` steps (None: unknown); `unit` names a step in the rate ("img": img/s)."""
         return ProgressTask()
 
     def log(self, message: str) -> None:
@@ -67,7 +68,9 @@ def _rate_column_class():
 
         def render(self, task) -> Text:
             speed = task.finished_speed or task.speed
-            return Text("" if speed is None else f"{speed:,.1f}/s", style="progress.data.speed")
+            unit = task.fields.get("unit", "")
+            text = "" if speed is None else f"{speed:,.1f} {unit}/s" if unit else f"{speed:,.1f}/s"
+            return Text(text, style="progress.data.speed")
 
     return RateColumn
 
@@ -89,11 +92,11 @@ class RichProgress(Progress):
         )
         self._open = 0
 
-    def task(self, description: str, total: int | None = None) -> ProgressTask:
+    def task(self, description: str, total: int | None = None, unit: str = "") -> ProgressTask:
         if self._open == 0:
             self._bars.start()
         self._open += 1
-        return _RichTask(self, self._bars.add_task(description, total=total, info=""))
+        return _RichTask(self, self._bars.add_task(description, total=total, info="", unit=unit))
 
     def _close(self, task_id: int) -> None:
         self._bars.stop_task(task_id)

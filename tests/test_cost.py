@@ -101,7 +101,7 @@ class _Recorder(Progress):
         self.tasks: list[tuple[str, int | None]] = []
         self.advanced = 0
 
-    def task(self, description, total=None):
+    def task(self, description, total=None, unit=""):
         self.tasks.append((description, total))
         owner = self
 

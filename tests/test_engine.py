@@ -332,7 +332,7 @@ def test_progress_gets_one_bar_per_epoch_with_loss_lr_and_rate(tmp_path):
             self.advances.append((n, info))
 
     class Recorder(Progress):
-        def task(self, description, total=None):
+        def task(self, description, total=None, unit=""):
             return Bar(description, total)
 
     Trainer(config(epochs=2), tmp_path, progress=Recorder()).fit(linear(), MSE(), Regression())

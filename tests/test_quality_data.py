@@ -12,7 +12,8 @@ from facekd.errors import ConfigError, DataError
 from facekd.io.formats import LabeledImage, read_mos_csv
 from facekd.io.images import read_image, resize_to
 from facekd.models import QUALITY_NORMALIZATION
-from facekd.quality.data import QualityDataset, QualitySample, concat_samples, from_csv, from_list, load_images
+from facekd.io.decode import load_images
+from facekd.quality.data import QualityDataset, QualitySample, concat_samples, from_csv, from_list
 from facekd.synth import generate_quality
 
 SIZE = 64

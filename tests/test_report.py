@@ -22,7 +22,8 @@ from facekd.evaluation.quality_edc import evaluate_edc
 from facekd.evaluation.report import find_reports, render_report, write_report
 from facekd.models.artifact import load_model
 from facekd.quality.config import QualityRunConfig, data_overrides
-from facekd.quality.data import from_csv, load_images
+from facekd.io.decode import load_images
+from facekd.quality.data import from_csv
 from facekd.quality.pipeline import QualityPipeline
 from facekd.quality.pseudo import predict
 from facekd.recognition.train import train_recognition

@@ -52,7 +52,7 @@ def comparisons(pairs: PathLike | None = None, identities: PathLike | None = Non
 
 def _decode(paths: list[Path], size: int, cache: dict, progress: Progress):
     """Images at `size` (decoded once per size) and a mask of the readable ones."""
-    from facekd.quality.data import load_images
+    from facekd.io.decode import load_images
 
     if size not in cache:
         images, kept, errors = load_images(paths, size, progress)

@@ -436,7 +436,8 @@ def _quality_predictions(run: Path, report: Mapping[str, Any],
     """Each model's predictions on the test set named in the run's config, with notes on what
     could not be done (a missing test set or model file)."""
     from facekd.models.artifact import load_model
-    from facekd.quality.data import from_csv, load_images
+    from facekd.io.decode import load_images
+    from facekd.quality.data import from_csv
     from facekd.quality.pseudo import predict
 
     data = (report.get("config") or {}).get("data") or {}

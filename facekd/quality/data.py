@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Literal, Mapping, Sequence
 
@@ -26,90 +25,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from facekd.errors import ConfigError, DataError, FacekdError
-from facekd.io.formats import LabeledImage, absolute, read_image_list, read_mos_csv
-from facekd.io.images import read_image, resize_to
+from facekd.errors import ConfigError, DataError
+from facekd.io.decode import ImageError, check_size, load_images
+from facekd.io.formats import LabeledImage, read_image_list, read_mos_csv
 from facekd.progress import Progress
 
-__all__ = ["QualityDataset", "QualitySample", "concat_samples", "default_workers", "from_csv", "from_list",
-           "load_images"]
+__all__ = ["QualityDataset", "QualitySample", "concat_samples", "from_csv", "from_list"]
 
 #: One quality sample: path, mos (NaN when unlabeled) and loss weight (1.0 unless a pseudo-label).
 QualitySample = LabeledImage
 
 PathLike = str | os.PathLike
-ImageError = tuple[Path, str]
-
-
-def default_workers() -> int:
-    """Decoding threads used when `workers` is None: the CPU count, at most 8."""
-    return max(1, min(8, os.cpu_count() or 1))
-
-
-def _check_size(size: object) -> int:
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or int(size) < 1:
-        raise ConfigError(f"image size must be a positive integer, got {size!r}")
-    return int(size)
-
-
-def _check_workers(workers: object) -> int:
-    if workers is None:
-        return default_workers()
-    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or int(workers) < 0:
-        raise ConfigError(f"workers must be an integer >= 0 (0: decode in the calling thread), got {workers!r}")
-    return int(workers)
-
-
-def load_one(path: PathLike, size: int) -> np.ndarray | str:
-    """`path` decoded to RGB uint8 and resized to size×size, or the reason it cannot be."""
-    try:
-        return resize_to(read_image(path), (size, size))
-    except FacekdError as error:
-        return error.reason if isinstance(error, DataError) else str(error)
-
-
-def map_ordered(function, items: Sequence, workers: int) -> Iterable:
-    """`function` over `items`, results in input order; threads when workers > 0 (OpenCV
-    decoding releases the GIL)."""
-    if workers == 0 or len(items) <= 1:
-        return map(function, items)
-    pool = ThreadPoolExecutor(max_workers=min(workers, len(items)), thread_name_prefix="facekd-decode")
-
-    def results():
-        try:
-            yield from pool.map(function, items)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-    return results()
-
-
-def load_images(paths: Sequence[PathLike], size: int, progress: Progress | None = None,
-                workers: int | None = None) -> tuple[np.ndarray, np.ndarray, list[ImageError]]:
-    """Decode and resize each image once: `(images, kept, errors)`.
-
-    `images` is uint8 (K, size, size, 3) RGB in input order; `kept` (int64, K) gives the index
-    into `paths` of each image; `errors` lists `(path, reason)` for the files skipped (missing,
-    corrupt, not an image...). Memory: K·size²·3 bytes (plus a copy of that when files were
-    skipped). `workers` decoding threads (None: `default_workers()`, 0: none)."""
-    size = _check_size(size)
-    workers = _check_workers(workers)
-    progress = progress or Progress()
-    paths = [absolute(p) for p in paths]
-    images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-    kept: list[int] = []
-    errors: list[ImageError] = []
-    with progress.task("decoding images", len(paths)) as bar:
-        for index, result in enumerate(map_ordered(lambda p: load_one(p, size), paths, workers)):
-            if isinstance(result, str):
-                errors.append((paths[index], result))
-            else:
-                images[len(kept)] = result
-                kept.append(index)
-            bar.advance()
-    if len(kept) < len(paths):
-        images = images[: len(kept)].copy()
-    return images, np.asarray(kept, dtype=np.int64), errors
 
 
 # ----------------------------------------------------------------------------- sample lists
@@ -165,7 +91,7 @@ class QualityDataset(Dataset):
                  normalization: Mapping[str, Sequence[float]], train: bool = False,
                  progress: Progress | None = None, workers: int | None = None, max_shift: int = 4,
                  source: PathLike = "quality dataset"):
-        self.input_size = _check_size(input_size)
+        self.input_size = check_size(input_size)
         self.train = bool(train)
         if isinstance(max_shift, bool) or not isinstance(max_shift, int) or not 0 <= max_shift < self.input_size:
             raise ConfigError(f"max_shift must be an integer in [0, input_size), got {max_shift!r}")

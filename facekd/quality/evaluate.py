@@ -25,7 +25,7 @@ def evaluate_model(model_path: str | Path, test_csv: str | Path, *, out: str | P
 
     Unreadable images are skipped and listed under `skipped`; `out` also gets the report as JSON."""
     from facekd.io.formats import read_mos_csv
-    from facekd.quality.data import load_images
+    from facekd.io.decode import load_images
     from facekd.quality.metrics import quality_metrics
 
     model = _predictor(model_path, batch_size)

@@ -25,7 +25,8 @@ from facekd.errors import ConfigError, DataError, FacekdError
 from facekd.io.formats import resolve_inputs, write_mos_csv
 from facekd.models.predictor import check_batch_size
 from facekd.progress import Progress
-from facekd.quality.data import ImageError, QualityDataset, QualitySample, load_images
+from facekd.io.decode import ImageError, load_images
+from facekd.quality.data import QualityDataset, QualitySample
 
 __all__ = ["MIN_WEIGHT", "flip_confidence", "predict", "pseudo_label", "write_pseudo_labels"]
 

@@ -83,7 +83,8 @@ class RecognitionDataset(Dataset):
     def __init__(self, source: IdentitySource, input_size: int, normalization: Mapping[str, Sequence[float]],
                  train: bool = True, cache: bool | str = "auto", cache_limit_bytes: int = DEFAULT_CACHE_LIMIT,
                  progress: Progress | None = None, workers: int | None = None):
-        from facekd.quality.data import _normalization_arrays, _check_workers
+        from facekd.io.decode import check_workers
+        from facekd.quality.data import _normalization_arrays
 
         self.source = source
         self.input_size = int(input_size)
@@ -97,14 +98,14 @@ class RecognitionDataset(Dataset):
         self.indices = np.arange(len(source))
         self.images: np.ndarray | None = None
         if self.cached:
-            self._decode_all(progress or Progress(), _check_workers(workers))
+            self._decode_all(progress or Progress(), check_workers(workers))
         self.labels = source.labels[self.indices]
 
     def _load(self, index: int) -> np.ndarray:
         return resize_to(self.source.read(index), (self.input_size, self.input_size))
 
     def _decode_all(self, progress: Progress, workers: int) -> None:
-        from facekd.quality.data import map_ordered
+        from facekd.io.decode import map_ordered
 
         def load(index: int):
             try:

@@ -1,0 +1,165 @@
+"""Threaded decoding of image files to uint8 RGB arrays at a model's input size.
+
+OpenCV decodes and resizes with the GIL released, so threads scale over cores without the
+pickling of worker processes. `load_images` decodes a whole set into one array (training and
+evaluation sets); `decode_batches` streams batches with a bounded number decoding ahead, so a
+batch job overlaps decoding with inference and holds O(batch) images whatever its length."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from facekd.errors import ConfigError, DataError, FacekdError
+from facekd.io.formats import absolute
+from facekd.io.images import read_image, resize_to
+from facekd.progress import Progress
+
+__all__ = ["DecodedBatch", "check_workers", "decode_batches", "default_workers", "load_images", "load_one",
+           "map_ordered"]
+
+PathLike = str | os.PathLike
+ImageError = tuple[Path, str]
+
+
+def default_workers() -> int:
+    """Decoding threads used when `workers` is None: the CPU count, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def check_workers(workers: object) -> int:
+    """`workers` as an int (None: `default_workers()`), or a ConfigError."""
+    if workers is None:
+        return default_workers()
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or int(workers) < 0:
+        raise ConfigError(f"workers must be an integer >= 0 (0: decode in the calling thread), got {workers!r}")
+    return int(workers)
+
+
+def check_size(size: object) -> int:
+    """An image side length as an int, or a ConfigError."""
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or int(size) < 1:
+        raise ConfigError(f"image size must be a positive integer, got {size!r}")
+    return int(size)
+
+
+def load_one(path: PathLike, size: int) -> np.ndarray | str:
+    """`path` decoded to RGB uint8 and resized to size×size, or the reason it cannot be."""
+    try:
+        return resize_to(read_image(path), (size, size))
+    except FacekdError as error:
+        return error.reason if isinstance(error, DataError) else str(error)
+
+
+def map_ordered(function: Callable, items: Sequence, workers: int) -> Iterable:
+    """`function` over `items`, results in input order; threads when workers > 0."""
+    if workers == 0 or len(items) <= 1:
+        return map(function, items)
+    pool = ThreadPoolExecutor(max_workers=min(workers, len(items)), thread_name_prefix="facekd-decode")
+
+    def results():
+        try:
+            yield from pool.map(function, items)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    return results()
+
+
+def load_images(paths: Sequence[PathLike], size: int, progress: Progress | None = None,
+                workers: int | None = None) -> tuple[np.ndarray, np.ndarray, list[ImageError]]:
+    """Decode and resize each image once: `(images, kept, errors)`.
+
+    `images` is uint8 (K, size, size, 3) RGB in input order; `kept` (int64, K) gives the index
+    into `paths` of each image; `errors` lists `(path, reason)` for the files skipped (missing,
+    corrupt, not an image...). Memory: K·size²·3 bytes (plus a copy of that when files were
+    skipped). `workers` decoding threads (None: `default_workers()`, 0: none)."""
+    size = check_size(size)
+    workers = check_workers(workers)
+    progress = progress or Progress()
+    paths = [absolute(p) for p in paths]
+    images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    kept: list[int] = []
+    errors: list[ImageError] = []
+    with progress.task("decoding images", len(paths), unit="img") as bar:
+        for index, result in enumerate(map_ordered(lambda p: load_one(p, size), paths, workers)):
+            if isinstance(result, str):
+                errors.append((paths[index], result))
+            else:
+                images[len(kept)] = result
+                kept.append(index)
+            bar.advance()
+    if len(kept) < len(paths):
+        images = images[: len(kept)].copy()
+    return images, np.asarray(kept, dtype=np.int64), errors
+
+
+@dataclass
+class DecodedBatch:
+    """One batch of `decode_batches`: the images that decoded (uint8 (K, S, S, 3), in input
+    order, with their `paths`) and the `(path, reason)` of those that did not. `size` is the
+    number of input paths the batch covers (K + len(errors))."""
+
+    paths: list[Path]
+    images: np.ndarray
+    errors: list[ImageError] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.paths) + len(self.errors)
+
+
+def _assemble(batch: Sequence[Path], results: Iterable[np.ndarray | str], size: int) -> DecodedBatch:
+    images = np.empty((len(batch), size, size, 3), dtype=np.uint8)
+    good: list[Path] = []
+    errors: list[ImageError] = []
+    for path, result in zip(batch, results):
+        if isinstance(result, str):
+            errors.append((path, result))
+        else:
+            images[len(good)] = result
+            good.append(path)
+    return DecodedBatch(good, images[: len(good)], errors)
+
+
+def decode_batches(paths: Sequence[Path], size: int, batch_size: int, workers: int | None = None,
+                   ahead: int = 2) -> Iterator[DecodedBatch]:
+    """`paths` decoded and resized to size×size, `batch_size` at a time, in input order.
+
+    With `workers` > 0 threads, up to `ahead` batches decode while the caller works on the
+    current one: memory stays at (ahead + 1) batches of images however many paths there are."""
+    size = check_size(size)
+    workers = check_workers(workers)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    starts = range(0, len(paths), batch_size)
+    if workers == 0:
+        for start in starts:
+            batch = paths[start:start + batch_size]
+            yield _assemble(batch, (load_one(p, size) for p in batch), size)
+        return
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="facekd-decode")
+    pending: deque[tuple[Sequence[Path], list[Future]]] = deque()
+    next_start = iter(starts)
+
+    def submit() -> None:
+        start = next(next_start, None)
+        if start is not None:
+            batch = paths[start:start + batch_size]
+            pending.append((batch, [pool.submit(load_one, p, size) for p in batch]))
+
+    try:
+        for _ in range(max(1, ahead)):
+            submit()
+        while pending:
+            batch, futures = pending.popleft()
+            submit()
+            yield _assemble(batch, (future.result() for future in futures), size)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
