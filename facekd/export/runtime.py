@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
-
 import numpy as np
 
 from facekd.errors import ConfigError, DataError
 from facekd.models.artifact import ModelInfo, _parse_metadata
-from facekd.models.predictor import ImageInput, _BatchPredictor, check_batch_size
+from facekd.models.predictor import EmbeddingOutputs, QualityOutputs, _BatchPredictor, check_batch_size
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = {"quality": "scores", "recognition": "embeddings"}
@@ -28,13 +26,17 @@ def available_threads() -> int:
     return os.cpu_count() or 1
 
 
-def session_options(threads: int | None = None):
+def session_options(threads: int | None = None, spinning: bool = True):
     """ONNX Runtime settings for CPU inference: `threads` intra-op threads (all available cores
-    when None), one inter-op thread, every graph optimisation, warnings not printed."""
+    when None), one inter-op thread, every graph optimisation, warnings not printed.
+    `spinning=False` makes idle threads sleep instead of busy-waiting, which leaves the cores
+    to other work (image decoding) between runs."""
     import onnxruntime as ort
 
     _check_threads(threads)
     options = ort.SessionOptions()
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.intra_op_num_threads = threads or available_threads()
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -47,12 +49,12 @@ def _check_threads(threads) -> None:
         raise ConfigError(f"threads must be a positive integer or None, got {threads!r}")
 
 
-def make_session(model: bytes | str | os.PathLike, threads: int | None = None):
+def make_session(model: bytes | str | os.PathLike, threads: int | None = None, spinning: bool = True):
     """A CPU `InferenceSession` for ONNX bytes or a file (errors are ONNX Runtime's own)."""
     import onnxruntime as ort
 
     source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, sess_options=session_options(threads),
+    return ort.InferenceSession(source, sess_options=session_options(threads, spinning),
                                 providers=["CPUExecutionProvider"])
 
 
@@ -61,7 +63,7 @@ def _first_line(error: Exception) -> str:
     return text[0] if text else type(error).__name__
 
 
-def _open_session(path: str | os.PathLike, threads: int | None):
+def _open_session(path: str | os.PathLike, threads: int | None, spinning: bool = True):
     path = Path(path)
     _check_threads(threads)
     if not path.exists():
@@ -69,7 +71,7 @@ def _open_session(path: str | os.PathLike, threads: int | None):
     if path.is_dir():
         raise DataError(path, "is a folder, expected an .onnx model file")
     try:
-        session = make_session(path, threads)
+        session = make_session(path, threads, spinning)
     except Exception as error:  # ONNX Runtime raises its own types (InvalidProtobuf, Fail, ...)
         raise DataError(path, f"not a readable ONNX model ({_first_line(error)})") from None
     info = _parse_metadata(path, dict(session.get_modelmeta().custom_metadata_map))
@@ -98,8 +100,6 @@ def _check_signature(path: Path, session, info: ModelInfo) -> None:
 
 
 class _OnnxPredictor(_BatchPredictor):
-    task = ""
-
     def __init__(self, path: str | os.PathLike, threads: int | None = None, batch_size: int = 64):
         check_batch_size(batch_size)
         session, info = _open_session(path, threads)
@@ -130,40 +130,27 @@ class _OnnxPredictor(_BatchPredictor):
         return self._session.run([self._output], {INPUT_NAME: batch})[0]
 
 
-class OnnxQualityModel(_OnnxPredictor):
+class OnnxQualityModel(QualityOutputs, _OnnxPredictor):
     """A face image quality regressor on ONNX Runtime: higher score = better quality."""
 
-    task = "quality"
 
-    def score(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
-        """Scores (N,) float32, one per image."""
-        return self._forward(images).reshape(-1).astype(np.float32)
-
-
-class OnnxFaceEmbedder(_OnnxPredictor):
+class OnnxFaceEmbedder(EmbeddingOutputs, _OnnxPredictor):
     """A face recognition network on ONNX Runtime: L2-normalised embeddings (the graph's raw
     embeddings are normalised here, after the optional flip sum, exactly as `FaceEmbedder`)."""
-
-    task = "recognition"
 
     @property
     def embedding_size(self) -> int:
         return int(self.model_info.embedding_size or 0)
 
-    def embed(self, images: ImageInput | Sequence[ImageInput], flip: bool = False) -> np.ndarray:
-        """Embeddings (N, D); `flip` adds the horizontally flipped image's embedding first."""
-        raw = self._forward(images, flip=flip).astype(np.float32)
-        return raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
 
-
-def load_onnx(path: str | os.PathLike, threads: int | None = None,
-              batch_size: int = 64) -> OnnxQualityModel | OnnxFaceEmbedder:
+def load_onnx(path: str | os.PathLike, threads: int | None = None, batch_size: int = 64,
+              spinning: bool = True) -> OnnxQualityModel | OnnxFaceEmbedder:
     """Open a facekd `.onnx` file with ONNX Runtime (CPU) as the predictor its task calls for.
 
-    `threads`: intra-op threads (None = every core this process may use). Unreadable, foreign
-    or mismatched files raise `DataError` naming the file."""
+    `threads`: intra-op threads (None = every core this process may use); `spinning`: see
+    `session_options`. Unreadable, foreign or mismatched files raise `DataError` naming the file."""
     check_batch_size(batch_size)
-    session, info = _open_session(path, threads)
+    session, info = _open_session(path, threads, spinning)
     predictor = OnnxQualityModel if info.task == "quality" else OnnxFaceEmbedder
     return predictor._from_session(session, info, batch_size)
 

@@ -44,13 +44,19 @@ def check_batch_size(batch_size) -> int:
 class _BatchPredictor:
     """Shared input handling: expand inputs, read and resize images, run them in batches.
 
-    Subclasses implement `_run_batch(uint8 NHWC RGB array at the input size) -> outputs`."""
+    Subclasses implement `_run_batch(uint8 NHWC RGB array at the input size) -> raw outputs`
+    and `_finish(raw float32 outputs) -> scores or embeddings`."""
+
+    task = ""
 
     def __init__(self, input_size: int, batch_size: int = 64):
         self.batch_size = check_batch_size(batch_size)
         self.input_size = input_size
 
     def _run_batch(self, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _finish(self, raw: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     def _load(self, item: Path | np.ndarray) -> np.ndarray:
@@ -63,17 +69,45 @@ class _BatchPredictor:
         for start in range(0, len(items), self.batch_size):
             yield np.stack([self._load(item) for item in items[start:start + self.batch_size]])
 
+    def infer(self, batch: np.ndarray, flip: bool = False) -> np.ndarray:
+        """Outputs for one uint8 (N, S, S, 3) RGB batch already at the input size: scores (N,)
+        or L2-normalised embeddings (N, D); `flip` adds the mirrored images' raw outputs first."""
+        out = self._run_batch(batch)
+        if flip:
+            out = out + self._run_batch(np.ascontiguousarray(batch[:, :, ::-1]))
+        return self._finish(np.asarray(out, dtype=np.float32))
+
     def _forward(self, images, flip: bool = False) -> np.ndarray:
         items = _expand(images)
         if not items:
             raise FacekdError("no images given")
-        outputs = []
-        for batch in self._batches(items):
-            out = self._run_batch(batch)
-            if flip:
-                out = out + self._run_batch(np.ascontiguousarray(batch[:, :, ::-1]))
-            outputs.append(np.asarray(out, dtype=np.float32))
-        return np.concatenate(outputs)
+        return np.concatenate([self.infer(batch, flip) for batch in self._batches(items)])
+
+
+class QualityOutputs:
+    """`score` for a quality predictor (torch or ONNX)."""
+
+    task = "quality"
+
+    def _finish(self, raw: np.ndarray) -> np.ndarray:
+        return raw.reshape(-1).astype(np.float32)
+
+    def score(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
+        """Scores (N,) float32, one per image; higher = better quality."""
+        return self._forward(images)
+
+
+class EmbeddingOutputs:
+    """`embed` for a recognition predictor (torch or ONNX)."""
+
+    task = "recognition"
+
+    def _finish(self, raw: np.ndarray) -> np.ndarray:
+        return raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
+
+    def embed(self, images: ImageInput | Sequence[ImageInput], flip: bool = False) -> np.ndarray:
+        """L2-normalised embeddings (N, D); `flip` adds the flipped image's embedding first."""
+        return self._forward(images, flip=flip)
 
 
 class _Predictor(_BatchPredictor):
@@ -89,28 +123,22 @@ class _Predictor(_BatchPredictor):
 
     @torch.inference_mode()
     def _run_batch(self, batch: np.ndarray) -> np.ndarray:
-        return self.model(self.model.normalize(torch.from_numpy(batch).to(self.device))).float().cpu().numpy()
+        images = torch.from_numpy(batch)
+        if self.device.type == "cuda":
+            images = images.pin_memory().to(self.device, non_blocking=True)
+        return self.model(self.model.normalize(images.to(self.device))).float().cpu().numpy()
 
 
-class QualityModel(_Predictor):
+class QualityModel(QualityOutputs, _Predictor):
     """A face image quality regressor: higher score = better quality (MOS scale when trained on MOS)."""
 
-    def score(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
-        return self._forward(images).reshape(-1).astype(np.float32)
 
-
-class FaceEmbedder(_Predictor):
+class FaceEmbedder(EmbeddingOutputs, _Predictor):
     """A face recognition network: L2-normalised embeddings compared by cosine similarity."""
 
     @property
     def embedding_size(self) -> int:
         return int(self.model.embedding_size)
-
-    def embed(self, images: ImageInput | Sequence[ImageInput], flip: bool = False) -> np.ndarray:
-        """Embeddings (N, D); `flip` adds the horizontally flipped image's embedding first."""
-        raw = self._forward(images, flip=flip).astype(np.float32)
-        norms = np.linalg.norm(raw, axis=1, keepdims=True)
-        return raw / np.maximum(norms, 1e-12)
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 64):
