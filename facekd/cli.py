@@ -150,23 +150,45 @@ def cmd_quality_pseudo_label(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inference_job(args: argparse.Namespace, job) -> int:
+    """Shared body of `quality score` and `recognition embed`: open the model on the chosen
+    backend, run the job on this shard, print the summary."""
+    from facekd.errors import ConfigError
+    from facekd.inference import open_model, parse_shard
+    from facekd.inference.shards import shard_output
+    from facekd.io.formats import file_digest, resolve_inputs
+
+    shard = parse_shard(args.shard)
+    if args.shard == "auto" and shard.count > 1 and "{shard}" not in args.out:
+        raise ConfigError("--shard auto starts one job per process: put {shard} in --out so each writes its own file")
+    out = shard_output(args.out, shard)
+    progress = _progress(args)
+    files = resolve_inputs(args.paths, check_files=False)
+    model, choice = open_model(args.model, backend=args.backend, device=args.device, threads=args.threads,
+                               batch_size=args.batch_size, decode_sample=files[:: max(1, len(files) // 16)][:16],
+                               progress=progress)
+    threads = f"{choice.threads} thread" + ("s" if choice.threads > 1 else "")
+    progress.log(f"{choice.backend} on {choice.device}, {threads}, batches of {choice.batch_size}: {choice.reason}")
+    summary = job(model, args.paths, out, batch_size=choice.batch_size, strict=args.strict, resume=args.resume,
+                  overwrite=args.overwrite, workers=args.workers, fingerprint=file_digest(args.model), shard=shard,
+                  backend=choice.to_dict(), progress=progress)
+    table = summary.to_dict()
+    table["backend"] = f"{choice.backend} ({choice.reason})"
+    _print_summary(f"{summary.kind} → {out}", table)
+    return 0
+
+
 def cmd_quality_score(args: argparse.Namespace) -> int:
-    import facekd
-    from facekd.io.formats import file_digest
-    from facekd.quality.scoring import score_files
+    from facekd.inference import score_files
 
-    model_path = Path(args.model)
-    if args.onnx and model_path.suffix != ".onnx":
-        from facekd.export import export_onnx
+    return _inference_job(args, score_files)
 
-        onnx_path = model_path.with_suffix(".onnx")
-        if not onnx_path.is_file() or onnx_path.stat().st_mtime < model_path.stat().st_mtime:
-            export_onnx(model_path, onnx_path)
-        model_path = onnx_path
-    model = facekd.load(model_path, batch_size=args.batch_size)
-    summary = score_files(model, args.paths, Path(args.out), batch_size=args.batch_size, strict=args.strict,
-                          resume=args.resume, fingerprint=file_digest(model_path), progress=_progress(args))
-    _print_summary(f"scores → {args.out}", summary.to_dict())
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from facekd.inference import merge_outputs
+
+    summary = merge_outputs(args.parts, args.out, partial=args.partial, overwrite=args.overwrite)
+    _print_summary(f"merged → {args.out}", summary)
     return 0
 
 
@@ -255,12 +277,11 @@ def cmd_recognition_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_recognition_embed(args: argparse.Namespace) -> int:
-    from facekd.recognition.evaluation import embed_files
+    from functools import partial
 
-    summary = embed_files(args.model, args.paths, args.out, batch_size=args.batch_size, flip=args.flip,
-                          progress=_progress(args))
-    _print_summary(f"embeddings → {args.out}", summary)
-    return 1 if summary["embedded"] == 0 else 0
+    from facekd.inference import embed_files
+
+    return _inference_job(args, partial(embed_files, flip=args.flip))
 
 
 # --- evaluate ----------------------------------------------------------------------------------
@@ -306,6 +327,23 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _add_inference(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    """Options of the batch inference commands (score, embed)."""
+    parser.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
+                        help="auto: time PyTorch and ONNX Runtime on this machine and keep the faster (default)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto (GPU of LOCAL_RANK)")
+    parser.add_argument("--threads", type=int, help="inference threads (default: every core)")
+    parser.add_argument("--workers", type=int, help="decoding threads (default: CPU count, at most 8)")
+    parser.add_argument("--batch-size", type=int, default=batch_size,
+                        help=f"largest batch (default: {batch_size}); auto may pick 8 where that is faster")
+    parser.add_argument("--shard", metavar="I/N",
+                        help="only shard I of N (stable by path); auto: from torchrun/Slurm; {shard} in --out")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad image instead of skipping it")
+    parser.add_argument("--resume", action="store_true", help="complete an interrupted run")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _add_common(parser)
 
 
 def _add_generation(parser: argparse.ArgumentParser) -> None:
@@ -405,13 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     score = quality_commands.add_parser("score", help="score images, folders or list files into a CSV")
     score.add_argument("model", help="model file (.safetensors, or .onnx for ONNX Runtime)")
     score.add_argument("paths", nargs="+", help="images, folders (recursive) or list files")
-    score.add_argument("--out", required=True, help="scores CSV (path,score); bad images go to <out>.errors.csv")
-    score.add_argument("--strict", action="store_true", help="stop at the first bad image instead of skipping it")
-    score.add_argument("--resume", action="store_true", help="score only what an interrupted run left")
-    score.add_argument("--batch-size", type=int, default=64)
-    score.add_argument("--onnx", action="store_true",
-                       help="run with ONNX Runtime (a .safetensors model is exported beside it first, checked)")
-    _add_common(score)
+    score.add_argument("--out", required=True, help="scores CSV (path,score); bad images go to <stem>.errors.csv")
+    _add_inference(score, batch_size=64)
     score.set_defaults(func=cmd_quality_score)
 
     recognition = commands.add_parser("recognition", help="face recognition: training, distillation, evaluation")
@@ -454,10 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed = recognition_commands.add_parser("embed", help="embed images, folders or list files into an .npz")
     embed.add_argument("model", help="recognition model file")
     embed.add_argument("paths", nargs="+", help="images, folders (recursive) or list files")
-    embed.add_argument("--out", required=True, help=".npz to write (paths, embeddings); bad files → <out>.errors.csv")
-    embed.add_argument("--batch-size", type=int, default=128)
+    embed.add_argument("--out", required=True, help=".npz to write (paths, embeddings); bad files → <stem>.errors.csv")
     embed.add_argument("--flip", action="store_true", help="add the flipped image's embedding (as in eval)")
-    _add_common(embed)
+    _add_inference(embed, batch_size=128)
     embed.set_defaults(func=cmd_recognition_embed)
 
     evaluate_cmd = commands.add_parser("evaluate", help="quality judged by recognition (EDC)")
@@ -490,6 +522,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--opset", type=int, default=17)
     _add_common(export)
     export.set_defaults(func=cmd_export)
+
+    merge = commands.add_parser("merge", help="join the outputs of a sharded score or embed job")
+    merge.add_argument("parts", nargs="+", help="the shards' scores CSVs or embedding .npz files")
+    merge.add_argument("--out", required=True, help="merged .csv or .npz (errors merged into <stem>.errors.csv)")
+    merge.add_argument("--partial", action="store_true", help="merge even when some shards are missing")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    merge.set_defaults(func=cmd_merge)
 
     models = commands.add_parser("models", help="architectures with params, GFLOPs and CPU speed")
     models.add_argument("--arch", action="append", help="only this architecture (repeatable)")

@@ -1,5 +1,7 @@
 """Shared test helpers (importable from test modules: pytest puts tests/ on sys.path)."""
 
+import numpy as np
+
 from facekd.config import config_from_dict
 from facekd.recognition.config import RecognitionConfig
 
@@ -20,3 +22,29 @@ def tiny_recognition_config(data, train=None, **changes):
            "eval_batch_size": 32}
     raw.update(changes)
     return config_from_dict(raw, RecognitionConfig)
+
+
+def lively(model, seed: int = 0, images: np.ndarray | None = None):
+    """Random-init heads give outputs near 0, where any comparison passes; give the model O(1)
+    outputs that differ between images: seeded random linear layers, and BatchNorm statistics
+    of `images` (uint8 NHWC at the input size, optional) plus 8 random images."""
+    import torch
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(seed)
+    size = model.input_size
+    batch = torch.randint(0, 256, (8, size, size, 3), generator=gen, dtype=torch.uint8)
+    if images is not None:
+        batch = torch.cat([torch.from_numpy(np.ascontiguousarray(images)), batch])
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0, module.in_features ** -0.5, generator=gen)
+                if module.bias is not None:
+                    module.bias.normal_(0, 0.5, generator=gen)
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
+                module.momentum = None
+        model.train()
+        model(model.normalize(batch))
+    return model.eval()

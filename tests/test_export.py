@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
 import facekd
+from helpers import lively
 from facekd.errors import ConfigError, DataError, FacekdError
 from facekd.export import (OnnxFaceEmbedder, OnnxQualityModel, export_onnx, load_onnx, read_onnx_info)
 from facekd.export.runtime import make_session
@@ -17,29 +16,10 @@ def _faces(n, size, seed=0):
     return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
 
 
-def _lively(model, seed=0):
-    """Random-init heads give outputs near 0, where any comparison passes; give the model
-    O(1) outputs: random linear layers and BatchNorm statistics of random images."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.normal_(0, module.in_features ** -0.5, generator=gen)
-                if module.bias is not None:
-                    module.bias.normal_(0, 0.5, generator=gen)
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.reset_running_stats()
-                module.momentum = None
-        model.train()
-        images = torch.randint(0, 256, (8, model.input_size, model.input_size, 3), generator=gen, dtype=torch.uint8)
-        model(model.normalize(images))
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def quality_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("quality")
-    model = _lively(build_model("mobilenetv3_small", input_size=64), seed=1)
+    model = lively(build_model("mobilenetv3_small", input_size=64), seed=1)
     path = save_model(model, folder / "q.safetensors", training_config={"lr": 0.01}, metrics={"srcc": 0.5})
     report = export_onnx(path, folder / "q.onnx")
     return path, report
@@ -48,7 +28,7 @@ def quality_files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def recognition_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("recognition")
-    model = _lively(build_model("mobilefacenet", input_size=64, embedding_size=128), seed=2)
+    model = lively(build_model("mobilefacenet", input_size=64, embedding_size=128), seed=2)
     path = save_model(model, folder / "fr.safetensors")
     report = export_onnx(path, folder / "fr.onnx", batch_for_check=2)
     return path, report
@@ -185,7 +165,7 @@ def test_bad_options(tmp_path, quality_files):
 
 
 def test_failed_check_writes_nothing(tmp_path, monkeypatch):
-    model = _lively(build_model("mobilenetv3_small", input_size=32), seed=3)
+    model = lively(build_model("mobilenetv3_small", input_size=32), seed=3)
     model.train()
     import facekd.export.onnx as onnx_export
 

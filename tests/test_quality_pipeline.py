@@ -104,22 +104,23 @@ def test_cli_single_steps(quality_data, tmp_path, capsys):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     scores = tmp_path / "scores.csv"
-    assert main(["quality", "score", str(model), *map(str, images), str(bad), "--out", str(scores), "-q"]) == 0
+    assert main(["quality", "score", str(model), *map(str, images), str(bad), "--out", str(scores),
+                 "--backend", "torch", "-q"]) == 0
     with open(scores) as handle:
         torch_scores = {row["path"]: float(row["score"]) for row in csv.DictReader(handle)}
     assert len(torch_scores) == 5
     with open(tmp_path / "scores.errors.csv") as handle:
         errors = list(csv.DictReader(handle))
     assert len(errors) == 1 and errors[0]["path"].endswith("bad.png")
-    assert main(["quality", "score", str(model), *map(str, images), "--out", str(tmp_path / "onnx.csv"), "--onnx",
-                 "-q"]) == 0
-    assert (out / "model.onnx").is_file()
+    assert main(["quality", "score", str(model), *map(str, images), "--out", str(tmp_path / "onnx.csv"),
+                 "--backend", "onnx", "-q"]) == 0
+    assert json.loads((tmp_path / "onnx.run.json").read_text())["backend"]["backend"] == "onnx"
     with open(tmp_path / "onnx.csv") as handle:
         onnx_scores = {row["path"]: float(row["score"]) for row in csv.DictReader(handle)}
     assert onnx_scores.keys() == torch_scores.keys()
     np.testing.assert_allclose([onnx_scores[k] for k in torch_scores], list(torch_scores.values()), atol=1e-4)
     assert main(["quality", "score", str(model), *map(str, images), str(bad), "--out", str(tmp_path / "s.csv"),
-                 "--strict", "-q"]) == 2
+                 "--strict", "--backend", "torch", "-q"]) == 2
     assert not (tmp_path / "s.csv").exists()
 
 

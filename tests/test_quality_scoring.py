@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,8 @@ from facekd.models import build_model
 from facekd.models.artifact import save_model
 from facekd.quality.data import QualityDataset, from_csv, from_list
 from facekd.quality.pseudo import MIN_WEIGHT, flip_confidence, predict, pseudo_label, write_pseudo_labels
-from facekd.quality.scoring import errors_path, journal_path, read_scores, score_files
+from facekd.inference import read_scores, score_files
+from facekd.inference.jobs import errors_path, journal_path, record_path
 from facekd.synth import generate_quality
 
 SIZE = 64
@@ -208,8 +212,9 @@ def test_score_files_lists_bad_images_and_keeps_input_order(data, scorer, tmp_pa
     out = tmp_path / "scores.csv"
     summary = score_files(scorer, inputs, out, batch_size=3, workers=2)
     good = sorted((data / "images" / "test").iterdir())
-    assert (summary.total, summary.scored, summary.resumed, summary.skipped) == (12, 8, 0, 4)
-    assert summary.scores_csv == out and summary.errors_csv == errors_path(out) == tmp_path / "scores.errors.csv"
+    assert (summary.kind, summary.total, summary.done, summary.resumed, summary.skipped) == ("scores", 12, 8, 0, 4)
+    assert summary.out == out and summary.errors_csv == errors_path(out) == tmp_path / "scores.errors.csv"
+    assert summary.shard is None and summary.images_per_second > 0
     rows = read_rows(out)
     assert rows[0] == ["path", "score"]
     assert [Path(r[0]) for r in rows[1:]] == good  # outside the CSV's folder: absolute
@@ -223,6 +228,9 @@ def test_score_files_lists_bad_images_and_keeps_input_order(data, scorer, tmp_pa
     assert "not found" in reasons["missing.png"]
     assert not journal_path(out).exists()
     assert read_scores(out) == {p: pytest.approx(v, rel=1e-5) for p, v in zip(good, scorer.score(good))}
+    record = json.loads(record_path(out).read_text())
+    assert record_path(out).name == "scores.run.json"
+    assert [record[k] for k in ("kind", "total", "done", "skipped", "dim")] == ["scores", 12, 8, 4, 1]
 
 
 def test_strict_scoring_raises_and_writes_nothing(data, scorer, tmp_path):
@@ -234,51 +242,64 @@ def test_strict_scoring_raises_and_writes_nothing(data, scorer, tmp_path):
     assert sorted(os.listdir(tmp_path)) == before
 
 
+class Interrupted(Exception):
+    """The simulated crash of a scoring run."""
+
+
 class FlakyScorer:
-    """Delegates to a real scorer, counts images, and raises on the call number `fail_on`."""
+    """Delegates `infer` to a real scorer, counts the images it scores, and raises `Interrupted`
+    on call number `fail_on` (a crash after `fail_on - 1` batches)."""
+
+    task = "quality"
 
     def __init__(self, scorer, fail_on: int | None = None):
         self.scorer, self.fail_on = scorer, fail_on
         self.input_size = scorer.input_size
         self.calls, self.images = 0, 0
 
-    def score(self, images):
+    def infer(self, batch, flip=False):
         self.calls += 1
         if self.calls == self.fail_on:
-            raise RuntimeError("simulated crash")
-        self.images += len(images)
-        return self.scorer.score(images)
+            raise Interrupted("simulated crash")
+        self.images += len(batch)
+        return self.scorer.infer(batch, flip=flip)
+
+
+def record_bytes(paths) -> int:
+    """Size of the journal records of `paths` (score jobs: one float32 each)."""
+    return sum(8 + len(str(p).encode()) + 4 for p in paths)
 
 
 def test_resume_after_a_crash_scores_only_the_rest_and_matches_an_uninterrupted_run(data, scorer, tmp_path):
     inputs = [data / "images" / "labeled", data / "unlabeled_1.txt"]
-    reference = data / "out" / "scores_ref.csv"
+    files = sorted((data / "images" / "labeled").iterdir()) + read_image_list(data / "unlabeled_1.txt")
+    reference = tmp_path / "reference" / "scores.csv"
     score_files(scorer, inputs, reference, batch_size=8, workers=0)
 
-    out = data / "out" / "scores.csv"
-    crashing = FlakyScorer(scorer, fail_on=2)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    out = tmp_path / "scores.csv"
+    crashing = FlakyScorer(scorer, fail_on=3)  # two batches done, then a crash
+    with pytest.raises(Interrupted):
         score_files(crashing, inputs, out, batch_size=8, workers=2)
-    assert not out.exists()  # atomic: no half-written output
+    assert crashing.images == 16 and not out.exists()  # atomic: no half-written output
     journal = journal_path(out)
     assert journal.name == ".scores.csv.partial" and journal.is_file()
-    with open(journal, "a", encoding="utf-8") as handle:
-        handle.write("/torn/last/li")  # a crash in the middle of a write
+    size = journal.stat().st_size
+    with open(journal, "ab") as handle:
+        handle.write(struct.pack("<II", 40, 12345) + b"/torn/pa")  # a crash in the middle of a write
 
-    with pytest.raises(DataError, match="another model"):
+    with pytest.raises(DataError, match=r"different job \(its model differ"):
         score_files(scorer, inputs, out, batch_size=8, resume=True, fingerprint="other")
+    assert journal.stat().st_size == size + 16  # a refused resume leaves the journal alone
     second = FlakyScorer(scorer, fail_on=2)  # crashes again after one more batch
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(Interrupted):
         score_files(second, inputs, out, batch_size=8, resume=True, workers=0)
     assert second.images == 8 and not out.exists()
-    lines = journal.read_text(encoding="utf-8").splitlines()
-    assert lines[0].startswith("# facekd score journal") and len(lines) == 1 + 16  # torn line cut off
-    assert all(Path(line.rsplit(",", 1)[0]).is_file() for line in lines[1:])
+    assert journal.stat().st_size == size + record_bytes(files[16:24])  # torn record cut off
 
     resumed_model = FlakyScorer(scorer)
     summary = score_files(resumed_model, inputs, out, batch_size=8, resume=True, workers=0)
-    assert (summary.total, summary.resumed, summary.scored, summary.skipped) == (32, 16, 16, 0)
-    assert resumed_model.images == 16  # only what the journal lacked
+    assert (summary.total, summary.resumed, summary.done, summary.skipped) == (32, 24, 8, 0)
+    assert resumed_model.images == 8  # only what the journal lacked
     assert out.read_bytes() == reference.read_bytes()
     assert not journal.exists() and summary.errors_csv is None
 
@@ -287,18 +308,25 @@ def test_resume_after_a_crash_scores_only_the_rest_and_matches_an_uninterrupted_
         score_files(scorer, inputs, out)
     idle = FlakyScorer(scorer)
     again = score_files(idle, inputs, out, resume=True)
-    assert (again.resumed, again.scored, idle.calls) == (32, 0, 0)
+    assert (again.resumed, again.done, idle.calls) == (32, 0, 0)
     assert out.read_bytes() == reference.read_bytes()
+    assert not journal.exists()
 
 
 def test_without_resume_an_old_journal_is_discarded_and_overwrite_replaces(data, scorer, tmp_path):
     image = sorted((data / "images" / "test").iterdir())[0]
     out = tmp_path / "scores.csv"
+    first = FlakyScorer(scorer, fail_on=1)
+    with pytest.raises(Interrupted):
+        score_files(first, [image], out, workers=0)
     journal = journal_path(out)
-    journal.write_text(f"# facekd score journal v1; input_size={SIZE}\n{image.as_posix()},123.0\n")
-    score_files(scorer, [image], out, workers=0)
+    body = str(image).encode() + struct.pack("<f", 123.0)  # a whole record: resume would take it
+    journal.write_bytes(journal.read_bytes() + struct.pack("<II", len(str(image).encode()), zlib.crc32(body)) + body)
+    counting = FlakyScorer(scorer)
+    summary = score_files(counting, [image], out, workers=0)
     (value,) = read_scores(out).values()
     assert value == pytest.approx(float(scorer.score([image])[0]), rel=1e-5) and value != 123.0
+    assert (summary.done, summary.resumed, counting.images) == (1, 0, 1) and not journal.exists()
     # overwrite, with a stale errors CSV removed when the new run has no errors
     errors_path(out).write_text("path,reason\nold.png,old\n")
     summary = score_files(scorer, [image], out, overwrite=True, workers=0)
@@ -309,33 +337,43 @@ def test_all_images_bad_gives_an_error_and_no_scores(tmp_path, scorer):
     fake = tmp_path / "a.png"
     fake.write_text("x")
     out = tmp_path / "scores.csv"
-    with pytest.raises(DataError, match="none of the 1 images could be scored"):
+    with pytest.raises(DataError, match="none of the 1 images could be used"):
         score_files(scorer, [fake], out, workers=0)
-    assert not out.exists() and not journal_path(out).exists()
+    assert not out.exists() and not journal_path(out).exists() and not record_path(out).exists()
     assert read_rows(errors_path(out))[1][0] == "a.png"
 
 
 def test_score_files_refusals(data, scorer, tmp_path):
+    folder = tmp_path / "folder.csv"
+    folder.mkdir()
     with pytest.raises(DataError, match="is a folder"):
-        score_files(scorer, [data / "images" / "test"], tmp_path)
+        score_files(scorer, [data / "images" / "test"], folder)
+    with pytest.raises(DataError, match=r"written to a \.csv file"):
+        score_files(scorer, [data / "images" / "test"], tmp_path / "s.npz")
     with pytest.raises(ConfigError, match="batch_size"):
         score_files(scorer, [data / "images" / "test"], tmp_path / "s.csv", batch_size=0)
+    with pytest.raises(ConfigError, match="workers"):
+        score_files(scorer, [data / "images" / "test"], tmp_path / "s.csv", workers=-1)
     with pytest.raises(DataError, match="not found"):
         score_files(scorer, [tmp_path / "nowhere"], tmp_path / "s.csv")
-    assert not (tmp_path / "s.csv").exists()
+    embedder = type("Embedder", (), {"task": "recognition", "input_size": SIZE})()
+    with pytest.raises(ConfigError, match="quality model"):
+        score_files(embedder, [data / "images" / "test"], tmp_path / "s.csv")
+    assert not (tmp_path / "s.csv").exists() and not journal_path(tmp_path / "s.csv").exists()
 
 
 class NanForBrightImages:
     """A scorer that returns NaN for images brighter than a threshold (a broken model)."""
 
     input_size = SIZE
+    task = "quality"
 
     def __init__(self, threshold: float):
         self.threshold = threshold
 
-    def score(self, images):
-        assert all(image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8 for image in images)
-        return np.array([math.nan if image.mean() > self.threshold else image.mean() for image in images])
+    def infer(self, batch, flip=False):
+        assert batch.shape[1:] == (SIZE, SIZE, 3) and batch.dtype == np.uint8 and not flip
+        return np.array([math.nan if image.mean() > self.threshold else image.mean() for image in batch])
 
 
 def test_non_finite_scores_are_listed_as_errors_or_raised_in_strict_mode(data, tmp_path):
@@ -345,10 +383,11 @@ def test_non_finite_scores_are_listed_as_errors_or_raised_in_strict_mode(data, t
     out = tmp_path / "scores.csv"
     summary = score_files(NanForBrightImages(threshold), images, out, batch_size=3, workers=0)
     bright = [p for p, m in zip(images, means) if m > threshold]
-    assert summary.skipped == len(bright) > 0 and summary.scored == len(images) - len(bright)
+    assert summary.skipped == len(bright) > 0 and summary.done == len(images) - len(bright)
     errors = read_rows(errors_path(out))[1:]
-    assert [Path(r[0]) for r in errors] == bright and all("non-finite score" in r[1] for r in errors)
+    assert [Path(r[0]) for r in errors] == bright
+    assert all(r[1] == "the model returned a non-finite score (nan)" for r in errors)
     assert list(read_scores(out)) == [p for p in images if p not in bright]
-    with pytest.raises(DataError, match="non-finite score"):
+    with pytest.raises(DataError, match=r"non-finite score \(nan\)"):
         score_files(NanForBrightImages(threshold), images, tmp_path / "strict.csv", strict=True, workers=0)
-    assert not (tmp_path / "strict.csv").exists()
+    assert not (tmp_path / "strict.csv").exists() and not journal_path(tmp_path / "strict.csv").exists()

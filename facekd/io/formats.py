@@ -79,11 +79,12 @@ def require_file(path: PathLike, what: str = "file") -> Path:
     return path
 
 
-def read_text(path: PathLike, what: str = "file") -> str:
-    """The whole UTF-8 text of `path` (a leading BOM is dropped)."""
+def read_text(path: PathLike, what: str = "file", errors: str = "strict") -> str:
+    """The whole UTF-8 text of `path` (a leading BOM is dropped); `errors="surrogateescape"`
+    reads back file names that are not UTF-8, as facekd writes them."""
     path = require_file(path, what)
     try:
-        return path.read_bytes().decode("utf-8-sig")
+        return path.read_bytes().decode("utf-8-sig", errors=errors)
     except UnicodeDecodeError as exc:
         raise DataError(path, f"not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except OSError as exc:

@@ -50,7 +50,7 @@ def load_verification_set(path: PathLike, input_size: int, progress: Progress | 
                           workers: int | None = None) -> VerificationData:
     """Read a pairs file, a `.bin` or an identity folder (by what `path` is) at `input_size`."""
     from facekd.io.formats import read_identity_folder, read_pairs
-    from facekd.quality.data import load_images
+    from facekd.io.decode import load_images
 
     path = Path(path)
     progress = progress or Progress()
@@ -200,43 +200,3 @@ def evaluate_model(model_path: PathLike, sets: list[PathLike], out: PathLike | N
         atomic_write_text(out / "report.json", json.dumps(result, indent=2) + "\n")
         result["roc"] = str(out / "roc.png")
     return result
-
-
-def embed_files(model_path: PathLike, inputs: list[PathLike], out_npz: PathLike, *, batch_size: int = 128,
-                flip: bool = False, progress: Progress | None = None) -> dict[str, Any]:
-    """Embed image files (paths, folders or list files) into `out_npz` (arrays `paths` and
-    `embeddings`, float32 L2-normalised, in input order); unreadable files are skipped and
-    listed in the summary and in `<out>.errors.csv`."""
-    import csv
-    import io
-
-    from facekd.io.atomic import atomic_write_bytes, atomic_write_text
-    from facekd.io.formats import resolve_inputs
-    from facekd.models.artifact import load_model
-    from facekd.models.predictor import check_batch_size
-    from facekd.quality.data import load_images
-
-    batch_size = check_batch_size(batch_size)
-    model = load_model(model_path)
-    check_embedder(model, model_path)
-    progress = progress or Progress()
-    paths = resolve_inputs(inputs, check_files=False)
-    if not paths:
-        raise FacekdError("no images found in the given paths")
-    images, kept, errors = load_images(paths, model.input_size, progress)
-    embeddings = embed_images(model, images, batch_size, flip) if len(images) else \
-        np.zeros((0, model.embedding_size), np.float32)
-    buffer = io.BytesIO()
-    np.savez(buffer, paths=np.array([str(paths[i]) for i in kept]), embeddings=embeddings)
-    out_npz = Path(out_npz)
-    atomic_write_bytes(out_npz, buffer.getvalue())
-    errors_csv = out_npz.with_name(out_npz.name + ".errors.csv")
-    if errors:
-        table = io.StringIO()
-        writer = csv.writer(table, lineterminator="\n")
-        writer.writerow(["path", "reason"])
-        writer.writerows([str(p), r] for p, r in errors)
-        atomic_write_text(errors_csv, table.getvalue())
-    return {"images": len(paths), "embedded": len(kept), "skipped": len(errors), "out": str(out_npz),
-            "embedding_size": int(embeddings.shape[1]), "errors_csv": str(errors_csv) if errors else None,
-            "skipped_files": [f"{p}: {r}" for p, r in errors]}
