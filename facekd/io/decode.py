@@ -8,6 +8,7 @@ batch job overlaps decoding with inference and holds O(batch) images whatever it
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -128,12 +129,26 @@ def _assemble(batch: Sequence[Path], results: Iterable[np.ndarray | str], size: 
     return DecodedBatch(good, images[: len(good)], errors)
 
 
+DECODER_NICENESS = 10
+
+
+def _lower_priority() -> None:
+    """Run this (decoding) thread at a lower OS priority: the caller's inference is the serial
+    step of a job, and with fair shares on busy cores it would wait behind the decoders
+    (+25 % throughput for a small model beside JPEG decoding on 2 cores). Linux only."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODER_NICENESS)
+    except (AttributeError, OSError):
+        pass
+
+
 def decode_batches(paths: Sequence[Path], size: int, batch_size: int, workers: int | None = None,
                    ahead: int = 2) -> Iterator[DecodedBatch]:
     """`paths` decoded and resized to size×size, `batch_size` at a time, in input order.
 
-    With `workers` > 0 threads, up to `ahead` batches decode while the caller works on the
-    current one: memory stays at (ahead + 1) batches of images however many paths there are."""
+    With `workers` > 0 threads (at a lower OS priority than the caller), up to `ahead` batches
+    decode while the caller works on the current one: memory stays at (ahead + 1) batches of
+    images however many paths there are."""
     size = check_size(size)
     workers = check_workers(workers)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -144,7 +159,7 @@ def decode_batches(paths: Sequence[Path], size: int, batch_size: int, workers: i
             batch = paths[start:start + batch_size]
             yield _assemble(batch, (load_one(p, size) for p in batch), size)
         return
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="facekd-decode")
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="facekd-decode", initializer=_lower_priority)
     pending: deque[tuple[Sequence[Path], list[Future]]] = deque()
     next_start = iter(starts)
 

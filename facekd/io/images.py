@@ -509,6 +509,8 @@ def _to_rgb_uint8(array: np.ndarray, source: str, bgr: bool) -> np.ndarray:
         )
 
     channels = array.shape[2]
+    if bgr and channels == 3 and array.dtype == np.uint8:
+        return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)  # the common case: one SIMD pass, GIL released
     has_alpha = channels in (2, 4)
     color = array[:, :, : channels - 1] if has_alpha else array
     if bgr and color.shape[2] == 3:
