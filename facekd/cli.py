@@ -171,7 +171,7 @@ def _inference_job(args: argparse.Namespace, job) -> int:
     progress.log(f"{choice.backend} on {choice.device}, {threads}, batches of {choice.batch_size}: {choice.reason}")
     summary = job(model, args.paths, out, batch_size=choice.batch_size, strict=args.strict, resume=args.resume,
                   overwrite=args.overwrite, workers=args.workers, fingerprint=file_digest(args.model), shard=shard,
-                  backend=choice.to_dict(), progress=progress)
+                  backend=choice.to_dict(), progress=progress, files=files)
     table = summary.to_dict()
     table["backend"] = f"{choice.backend} ({choice.reason})"
     _print_summary(f"{summary.kind} → {out}", table)

@@ -169,10 +169,13 @@ def open_model(model_path: str | os.PathLike, *, backend: str = "auto", device: 
     if device != "cpu" and (backend == "onnx" or is_onnx):
         raise ConfigError(f"{path}: ONNX Runtime runs on the CPU here; use --device cpu or the torch backend")
 
+    onnx_file = path if is_onnx else None  # the export, made (or found in the cache) once
+
     def make(name: str, count: int):
+        nonlocal onnx_file
         if name == "onnx":
-            return load_onnx(path if is_onnx else cached_onnx(path), threads=count, batch_size=batch_size,
-                             spinning=False)
+            onnx_file = onnx_file or cached_onnx(path)
+            return load_onnx(onnx_file, threads=count, batch_size=batch_size, spinning=False)
         torch.set_num_threads(count)
         return facekd.load(path, device=device, batch_size=batch_size)
 
@@ -187,7 +190,7 @@ def open_model(model_path: str | os.PathLike, *, backend: str = "auto", device: 
     names = ["torch"]
     if importlib.util.find_spec("onnxruntime") is not None:
         try:
-            cached_onnx(path)
+            onnx_file = cached_onnx(path)
             names.append("onnx")
         except FacekdError as error:
             progress.log(f"ONNX export failed, staying on PyTorch: {error}")

@@ -144,7 +144,8 @@ def _check_same_job(out: Path, identity: dict) -> None:
 
 def _run_job(model, inputs: Sequence[PathLike], out: PathLike, fmt: OutputFormat, *, flip: bool, batch_size: int,
              strict: bool, resume: bool, overwrite: bool, workers: int | None, fingerprint: str | None,
-             shard: Shard | None, backend: dict | None, progress: Progress | None) -> JobSummary:
+             shard: Shard | None, backend: dict | None, progress: Progress | None,
+             files: Sequence[Path] | None = None) -> JobSummary:
     batch_size = check_batch_size(batch_size)
     workers = check_workers(workers)
     progress = progress or Progress()
@@ -152,7 +153,8 @@ def _run_job(model, inputs: Sequence[PathLike], out: PathLike, fmt: OutputFormat
     _check_output(out, fmt, resume, overwrite)
     size = int(model.input_size)
     dim = 1 if fmt is SCORES else int(model.embedding_size)
-    files = select_shard(resolve_inputs(list(inputs), check_files=False), inputs, shard)
+    files = resolve_inputs(list(inputs), check_files=False) if files is None else files
+    files = select_shard(files, inputs, shard)
     identity = {"kind": fmt.kind, "model": fingerprint, "input_size": size, "dim": dim, "flip": bool(flip),
                 "shard": None if shard is None else str(shard)}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -223,23 +225,24 @@ def _run_job(model, inputs: Sequence[PathLike], out: PathLike, fmt: OutputFormat
 def score_files(model, inputs: Sequence[PathLike], out_csv: PathLike, *, batch_size: int = 64, strict: bool = False,
                 resume: bool = False, overwrite: bool = False, workers: int | None = None,
                 fingerprint: str | None = None, shard: Shard | None = None, backend: dict | None = None,
-                progress: Progress | None = None) -> JobSummary:
+                progress: Progress | None = None, files: Sequence[Path] | None = None) -> JobSummary:
     """Score image files, folders (recursive) and image lists into the CSV `out_csv` (see the
     module doc). `model`: a quality predictor from `facekd.load`, `load_onnx` or
     `facekd.inference.open_model`; images are decoded and resized by `workers` threads (None:
     up to 8, 0: none). `fingerprint` (the model file's hash) guards `resume` against mixing
-    models; `shard` keeps only that shard's files."""
+    models; `shard` keeps only that shard's files. `files`: `resolve_inputs(inputs)` when the
+    caller already has it (a large folder is then walked once)."""
     if getattr(model, "task", "quality") != "quality":
         raise ConfigError(f"score needs a quality model, got a {model.task} model")
     return _run_job(model, inputs, out_csv, SCORES, flip=False, batch_size=batch_size, strict=strict, resume=resume,
                     overwrite=overwrite, workers=workers, fingerprint=fingerprint, shard=shard, backend=backend,
-                    progress=progress)
+                    progress=progress, files=files)
 
 
 def embed_files(model, inputs: Sequence[PathLike], out_npz: PathLike, *, flip: bool = False, batch_size: int = 128,
                 strict: bool = False, resume: bool = False, overwrite: bool = False, workers: int | None = None,
                 fingerprint: str | None = None, shard: Shard | None = None, backend: dict | None = None,
-                progress: Progress | None = None) -> JobSummary:
+                progress: Progress | None = None, files: Sequence[Path] | None = None) -> JobSummary:
     """Embed image files, folders and image lists into `out_npz` (`paths`, L2-normalised
     float32 `embeddings`); `flip` adds each mirrored image's embedding first. Otherwise as
     `score_files`, with a recognition predictor."""
@@ -247,7 +250,7 @@ def embed_files(model, inputs: Sequence[PathLike], out_npz: PathLike, *, flip: b
         raise ConfigError(f"embed needs a recognition model, got a {model.task} model")
     return _run_job(model, inputs, out_npz, EMBEDDINGS, flip=flip, batch_size=batch_size, strict=strict,
                     resume=resume, overwrite=overwrite, workers=workers, fingerprint=fingerprint, shard=shard,
-                    backend=backend, progress=progress)
+                    backend=backend, progress=progress, files=files)
 
 
 # ----------------------------------------------------------------------------- merge
