@@ -73,7 +73,7 @@ def evaluate_edc(recognizer: PathLike, qualities: Sequence[PathLike], *, pairs: 
     from facekd.evaluation.edc import edc_report, pair_quality, plot_edc
     from facekd.io.atomic import atomic_write_text
     from facekd.models.artifact import load_model
-    from facekd.models.predictor import check_batch_size
+    from facekd.io.decode import check_batch_size
     from facekd.quality.pseudo import predict
     from facekd.recognition.evaluation import check_embedder, embed_images
 

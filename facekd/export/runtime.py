@@ -13,7 +13,8 @@ import numpy as np
 
 from facekd.errors import ConfigError, DataError
 from facekd.models.artifact import ModelInfo, _parse_metadata
-from facekd.models.predictor import EmbeddingOutputs, QualityOutputs, _BatchPredictor, check_batch_size
+from facekd.io.decode import check_batch_size
+from facekd.models.predictor import EmbeddingOutputs, QualityOutputs, _BatchPredictor
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = {"quality": "scores", "recognition": "embeddings"}
@@ -33,7 +34,7 @@ def session_options(threads: int | None = None, spinning: bool = True):
     to other work (image decoding) between runs."""
     import onnxruntime as ort
 
-    _check_threads(threads)
+    check_threads(threads)
     options = ort.SessionOptions()
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -44,7 +45,8 @@ def session_options(threads: int | None = None, spinning: bool = True):
     return options
 
 
-def _check_threads(threads) -> None:
+def check_threads(threads) -> None:
+    """`threads` must be None or a positive integer (ConfigError otherwise)."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be a positive integer or None, got {threads!r}")
 
@@ -65,7 +67,7 @@ def _first_line(error: Exception) -> str:
 
 def _open_session(path: str | os.PathLike, threads: int | None, spinning: bool = True):
     path = Path(path)
-    _check_threads(threads)
+    check_threads(threads)
     if not path.exists():
         raise DataError(path, "file not found")
     if path.is_dir():

@@ -91,10 +91,11 @@ def resolve_device(device: str) -> str:
 
 
 def _check(backend: str, threads: int | None) -> None:
+    from facekd.export.runtime import check_threads
+
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ConfigError(f"threads must be a positive integer, got {threads!r}")
+    check_threads(threads)
 
 
 def _images_per_second(predictor, batch: np.ndarray) -> float:
@@ -155,7 +156,7 @@ def open_model(model_path: str | os.PathLike, *, backend: str = "auto", device: 
     import facekd
     from facekd.export.runtime import available_threads, load_onnx
 
-    from facekd.models.predictor import check_batch_size
+    from facekd.io.decode import check_batch_size
 
     _check(backend, threads)
     batch_size = check_batch_size(batch_size)

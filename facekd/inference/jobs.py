@@ -38,7 +38,7 @@ from facekd.inference.shards import Shard, select_shard
 from facekd.io.atomic import atomic_write, atomic_write_text
 from facekd.io.decode import check_workers, decode_batches
 from facekd.io.formats import absolute, portable_path, resolve_inputs
-from facekd.models.predictor import check_batch_size
+from facekd.io.decode import check_batch_size
 from facekd.progress import Progress
 
 __all__ = ["JobSummary", "embed_files", "errors_path", "journal_path", "merge_outputs", "record_path",

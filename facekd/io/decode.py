@@ -22,8 +22,8 @@ from facekd.io.formats import absolute
 from facekd.io.images import read_image, resize_to
 from facekd.progress import Progress
 
-__all__ = ["DecodedBatch", "check_workers", "decode_batches", "default_workers", "load_images", "load_one",
-           "map_ordered"]
+__all__ = ["DecodedBatch", "check_batch_size", "check_workers", "decode_batches", "default_workers", "load_images",
+           "load_one", "map_ordered"]
 
 PathLike = str | os.PathLike
 ImageError = tuple[Path, str]
@@ -41,6 +41,13 @@ def check_workers(workers: object) -> int:
     if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or int(workers) < 0:
         raise ConfigError(f"workers must be an integer >= 0 (0: decode in the calling thread), got {workers!r}")
     return int(workers)
+
+
+def check_batch_size(batch_size: object) -> int:
+    """`batch_size` as an int if it is a positive integer (Python or numpy), else a ConfigError."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return int(batch_size)
 
 
 def check_size(size: object) -> int:
@@ -151,8 +158,7 @@ def decode_batches(paths: Sequence[Path], size: int, batch_size: int, workers: i
     images however many paths there are."""
     size = check_size(size)
     workers = check_workers(workers)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = check_batch_size(batch_size)
     starts = range(0, len(paths), batch_size)
     if workers == 0:
         for start in starts:

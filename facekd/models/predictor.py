@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from facekd.errors import ConfigError, FacekdError
+from facekd.io.decode import check_batch_size
 
 ImageInput = Union[str, os.PathLike, np.ndarray]
 
@@ -32,13 +33,6 @@ def _expand(images: ImageInput | Sequence[ImageInput]) -> list[Path | np.ndarray
         else:
             items.extend(resolve_inputs([item]))
     return items
-
-
-def check_batch_size(batch_size) -> int:
-    """`batch_size` as an int if it is a positive integer (Python or numpy), else a ConfigError."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return int(batch_size)
 
 
 class _BatchPredictor:

@@ -23,7 +23,7 @@ import torch
 
 from facekd.errors import ConfigError, DataError, FacekdError
 from facekd.io.formats import resolve_inputs, write_mos_csv
-from facekd.models.predictor import check_batch_size
+from facekd.io.decode import check_batch_size
 from facekd.progress import Progress
 from facekd.io.decode import ImageError, load_images
 from facekd.quality.data import QualityDataset, QualitySample

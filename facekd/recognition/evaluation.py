@@ -176,7 +176,7 @@ def evaluate_model(model_path: PathLike, sets: list[PathLike], out: PathLike | N
 
     from facekd.io.atomic import atomic_write_text
     from facekd.models.artifact import load_model
-    from facekd.models.predictor import check_batch_size
+    from facekd.io.decode import check_batch_size
     from facekd.recognition.metrics import plot_roc, roc_curve
 
     if not sets:
