@@ -19,11 +19,11 @@ import numpy as np
 
 from facekd.errors import ConfigError, DataError, FacekdError
 from facekd.io.formats import absolute
-from facekd.io.images import read_image, resize_to
+from facekd.io.images import Resize, as_resize, read_image
 from facekd.progress import Progress
 
-__all__ = ["DecodedBatch", "check_batch_size", "check_workers", "decode_batches", "default_workers", "load_images",
-           "load_one", "map_ordered"]
+__all__ = ["DecodedBatch", "check_batch_size", "check_geometry", "check_workers", "decode_batches", "default_workers",
+           "load_images", "load_one", "map_ordered"]
 
 PathLike = str | os.PathLike
 ImageError = tuple[Path, str]
@@ -57,10 +57,16 @@ def check_size(size: object) -> int:
     return int(size)
 
 
-def load_one(path: PathLike, size: int) -> np.ndarray | str:
-    """`path` decoded to RGB uint8 and resized to size×size, or the reason it cannot be."""
+def check_geometry(size: object) -> Resize:
+    """A side length (resized to size×size) or a `Resize`, as a `Resize`; else a ConfigError."""
+    return size if isinstance(size, Resize) else Resize(check_size(size))
+
+
+def load_one(path: PathLike, size: int | Resize) -> np.ndarray | str:
+    """`path` decoded to RGB uint8 at the model's input (`size`: a side length to stretch to,
+    or a `Resize`), or the reason it cannot be."""
     try:
-        return resize_to(read_image(path), (size, size))
+        return as_resize(size)(read_image(path))
     except FacekdError as error:
         return error.reason if isinstance(error, DataError) else str(error)
 
@@ -80,15 +86,17 @@ def map_ordered(function: Callable, items: Sequence, workers: int) -> Iterable:
     return results()
 
 
-def load_images(paths: Sequence[PathLike], size: int, progress: Progress | None = None,
+def load_images(paths: Sequence[PathLike], size: int | Resize, progress: Progress | None = None,
                 workers: int | None = None) -> tuple[np.ndarray, np.ndarray, list[ImageError]]:
     """Decode and resize each image once: `(images, kept, errors)`.
 
     `images` is uint8 (K, size, size, 3) RGB in input order; `kept` (int64, K) gives the index
     into `paths` of each image; `errors` lists `(path, reason)` for the files skipped (missing,
     corrupt, not an image...). Memory: K·size²·3 bytes (plus a copy of that when files were
-    skipped). `workers` decoding threads (None: `default_workers()`, 0: none)."""
-    size = check_size(size)
+    skipped). `workers` decoding threads (None: `default_workers()`, 0: none). `size` is a
+    side length or a `Resize` (see `load_one`)."""
+    geometry = check_geometry(size)
+    size = geometry.size
     workers = check_workers(workers)
     progress = progress or Progress()
     paths = [absolute(p) for p in paths]
@@ -96,7 +104,7 @@ def load_images(paths: Sequence[PathLike], size: int, progress: Progress | None 
     kept: list[int] = []
     errors: list[ImageError] = []
     with progress.task("decoding images", len(paths), unit="img") as bar:
-        for index, result in enumerate(map_ordered(lambda p: load_one(p, size), paths, workers)):
+        for index, result in enumerate(map_ordered(lambda p: load_one(p, geometry), paths, workers)):
             if isinstance(result, str):
                 errors.append((paths[index], result))
             else:
@@ -149,21 +157,22 @@ def _lower_priority() -> None:
         pass
 
 
-def decode_batches(paths: Sequence[Path], size: int, batch_size: int, workers: int | None = None,
+def decode_batches(paths: Sequence[Path], size: int | Resize, batch_size: int, workers: int | None = None,
                    ahead: int = 2) -> Iterator[DecodedBatch]:
     """`paths` decoded and resized to size×size, `batch_size` at a time, in input order.
 
     With `workers` > 0 threads (at a lower OS priority than the caller), up to `ahead` batches
     decode while the caller works on the current one: memory stays at (ahead + 1) batches of
-    images however many paths there are."""
-    size = check_size(size)
+    images however many paths there are. `size`: a side length or a `Resize`."""
+    geometry = check_geometry(size)
+    size = geometry.size
     workers = check_workers(workers)
     batch_size = check_batch_size(batch_size)
     starts = range(0, len(paths), batch_size)
     if workers == 0:
         for start in starts:
             batch = paths[start:start + batch_size]
-            yield _assemble(batch, (load_one(p, size) for p in batch), size)
+            yield _assemble(batch, (load_one(p, geometry) for p in batch), size)
         return
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="facekd-decode", initializer=_lower_priority)
     pending: deque[tuple[Sequence[Path], list[Future]]] = deque()
@@ -173,7 +182,7 @@ def decode_batches(paths: Sequence[Path], size: int, batch_size: int, workers: i
         start = next(next_start, None)
         if start is not None:
             batch = paths[start:start + batch_size]
-            pending.append((batch, [pool.submit(load_one, p, size) for p in batch]))
+            pending.append((batch, [pool.submit(load_one, p, geometry) for p in batch]))
 
     try:
         for _ in range(max(1, ahead)):

@@ -22,10 +22,15 @@ from facekd.io.atomic import atomic_write_bytes
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_PIXELS",
+    "RESIZE_MODES",
+    "Resize",
+    "as_resize",
+    "center_crop_offsets",
     "WRITABLE_EXTENSIONS",
     "decode_image",
     "encode_image",
     "read_image",
+    "resize_shorter_side",
     "resize_to",
     "to_rgb_uint8",
     "write_image",
@@ -631,3 +636,72 @@ def resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if image.ndim == 3 and resized.ndim == 2:  # OpenCV drops a single channel axis
         resized = resized[:, :, None]
     return resized
+
+
+# ---------------------------------------------------------------------------------------------
+# Input geometry: how a decoded image becomes a model's square input
+
+RESIZE_MODES = ("stretch", "center_crop")
+
+
+def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
+    """Shorter side resized to `size` (the longer one in proportion, rounded down) with
+    Pillow's antialiased bilinear filter: torchvision's `Resize(size)` on a PIL image, pixel
+    for pixel (same output size rule, same filter, the image returned as is when unchanged)."""
+    height, width = image.shape[:2]
+    if width <= height:
+        new_w, new_h = size, int(size * height / width)
+    else:
+        new_w, new_h = int(size * width / height), size
+    if (new_h, new_w) == (height, width):
+        return image
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+
+
+def center_crop_offsets(height: int, width: int, size: int) -> tuple[int, int]:
+    """(top, left) of torchvision's `CenterCrop(size)` (Python's round, as it uses)."""
+    return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+
+
+class Resize:
+    """How a decoded RGB image becomes a model's `size`×`size` input.
+
+    - "stretch": both sides resized to `size` (INTER_AREA when shrinking, else INTER_LINEAR),
+      facekd's default for aligned face crops;
+    - "center_crop": the shorter side resized to `size` (`resize_shorter_side`), then the
+      centre `size`×`size` crop: torchvision's `Resize(S)` + `CenterCrop(S)` on a PIL image, as
+      Efficient-FIQA tests and timm/torchvision models are evaluated.
+    Hashable and comparable, so decoded sets can be cached by geometry."""
+
+    __slots__ = ("size", "mode")
+
+    def __init__(self, size: int, mode: str = "stretch"):
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or int(size) < 1:
+            raise ConfigError(f"image size must be a positive integer, got {size!r}")
+        if mode not in RESIZE_MODES:
+            raise ConfigError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+        self.size = int(size)
+        self.mode = mode
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        if self.mode == "stretch":
+            return resize_to(image, (self.size, self.size))
+        resized = resize_shorter_side(image, self.size)
+        top, left = center_crop_offsets(resized.shape[0], resized.shape[1], self.size)
+        return np.ascontiguousarray(resized[top: top + self.size, left: left + self.size])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Resize) and (self.size, self.mode) == (other.size, other.mode)
+
+    def __hash__(self) -> int:
+        return hash((self.size, self.mode))
+
+    def __repr__(self) -> str:
+        return f"Resize({self.size}, {self.mode!r})"
+
+
+def as_resize(value: "int | Resize") -> Resize:
+    """A `Resize` from a side length (stretch) or a `Resize` itself."""
+    return value if isinstance(value, Resize) else Resize(value)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from facekd.errors import ConfigError, FacekdError
+from facekd.io.images import Resize
 from facekd.models.heads import EmbeddingHead, GDCHead, QualityHead
 from facekd.models.iresnet import iresnet
 from facekd.models.mobilefacenet import DEFAULT_BLOCKS, MobileFaceNet
@@ -204,16 +205,22 @@ class FaceModel(nn.Module):
     `normalize` applies."""
 
     def __init__(self, arch: str, task: str, input_size: int, backbone: nn.Module, head: nn.Module,
-                 options: dict[str, Any], normalization: dict[str, list[float]]):
+                 options: dict[str, Any], normalization: dict[str, list[float]], resize: str = "stretch"):
         super().__init__()
         self.arch = arch
         self.task = task
         self.input_size = input_size
         self.options = dict(options)
         self.normalization = {key: [float(v) for v in value] for key, value in normalization.items()}
+        self.resize = Resize(input_size, resize).mode
         self.backbone = backbone
         self.head = head
         self.embedding_size: int | None = getattr(head, "embedding_size", None) if task == "recognition" else None
+
+    @property
+    def geometry(self) -> Resize:
+        """How a decoded image becomes this model's input (`facekd.io.images.Resize`)."""
+        return Resize(self.input_size, self.resize)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The trunk's feature map (B, C, h, w)."""
