@@ -314,6 +314,19 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from facekd.models.cost import cost_report, format_cost_table
 
+    if args.family:
+        import fnmatch
+
+        from facekd.models import available_families
+
+        families = {family.prefix: family for family in available_families()}
+        if args.family not in families:
+            from facekd.errors import ConfigError
+
+            raise ConfigError(f"unknown family {args.family!r}; choose from {', '.join(families)}")
+        names = [n for n in families[args.family].names() if fnmatch.fnmatch(n, args.filter or "*")]
+        print("\n".join(f"{args.family}/{name}" for name in names))
+        return 0
     rows = cost_report(archs=args.arch or None, measure=not args.no_measure,
                        progress=None if args.json else _progress(args))
     if args.json:
@@ -533,6 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="architectures with params, GFLOPs and CPU speed")
     models.add_argument("--arch", action="append", help="only this architecture (repeatable)")
     models.add_argument("--no-measure", action="store_true", help="skip latency/throughput timing")
+    models.add_argument("--family", help="list the members of a backbone family (timm, torchvision) instead")
+    models.add_argument("--filter", help="with --family: only names matching this pattern, e.g. 'edgenext*'")
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_common(models)
     models.set_defaults(func=cmd_models)

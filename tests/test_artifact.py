@@ -27,7 +27,7 @@ def recognizer():
 @pytest.fixture(scope="module")
 def quality():
     torch.manual_seed(1)
-    return build_model("mobilenetv3_small", input_size=64).eval()
+    return build_model("timm/mobilenetv3_small_100", input_size=64).eval()
 
 
 def test_recognition_round_trip(tmp_path, recognizer):
@@ -125,7 +125,7 @@ def test_save_is_atomic(tmp_path, quality, monkeypatch):
 
     monkeypatch.setattr("facekd.io.atomic.os.replace", broken)
     with pytest.raises(OSError):
-        save_model(build_model("mobilenetv3_small", input_size=64), path)
+        save_model(build_model("timm/mobilenetv3_small_100", input_size=64), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["q.safetensors"]
 

@@ -24,11 +24,21 @@ def test_version(capsys):
 
 
 def test_models_json_without_timing(capsys):
-    assert main(["models", "--no-measure", "--json", "--arch", "mobilefacenet", "--arch", "edgenext_xxs"]) == 0
+    assert main(["models", "--no-measure", "--json", "--arch", "mobilefacenet", "--arch",
+                 "timm/edgenext_xx_small"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [row["arch"] for row in rows] == ["mobilefacenet", "edgenext_xxs"]
+    assert [row["arch"] for row in rows] == ["mobilefacenet", "timm/edgenext_xx_small"]
     assert 0.18e9 < rows[0]["gflops"] * 1e9 < 0.26e9
     assert rows[1]["params"] < 1.5e6 and rows[1]["latency_ms_b1"] is None
+
+
+def test_models_lists_a_family(capsys):
+    assert main(["models", "--family", "timm", "--filter", "edgenext_*"]) == 0
+    names = capsys.readouterr().out.split()
+    assert "timm/edgenext_xx_small" in names and all(n.startswith("timm/edgenext_") for n in names)
+    assert main(["models", "--family", "torchvision"]) == 0
+    assert capsys.readouterr().out.split() == ["torchvision/swin_t", "torchvision/swin_s", "torchvision/swin_b"]
+    assert main(["models", "--family", "keras"]) == 2
 
 
 def test_user_errors_are_one_line_and_exit_2(capsys):

@@ -19,7 +19,7 @@ def _faces(n, size, seed=0):
 @pytest.fixture(scope="module")
 def quality_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("quality")
-    model = lively(build_model("mobilenetv3_small", input_size=64), seed=1)
+    model = lively(build_model("timm/mobilenetv3_small_100", input_size=64), seed=1)
     path = save_model(model, folder / "q.safetensors", training_config={"lr": 0.01}, metrics={"srcc": 0.5})
     report = export_onnx(path, folder / "q.onnx")
     return path, report
@@ -67,7 +67,7 @@ def test_onnx_scores_match_torch_on_arrays_and_folders(quality_files, tmp_path):
     np.testing.assert_allclose(onnx_scorer.score(images[3]), expected[3:4], atol=1e-4)
     with pytest.raises(FacekdError, match="no images"):
         onnx_scorer.score([])
-    assert onnx_scorer.info["arch"] == "mobilenetv3_small" and onnx_scorer.info["format"] == "onnx"
+    assert onnx_scorer.info["arch"] == "timm/mobilenetv3_small_100" and onnx_scorer.info["format"] == "onnx"
 
 
 def test_embedder_matches_torch(recognition_files):
@@ -165,7 +165,7 @@ def test_bad_options(tmp_path, quality_files):
 
 
 def test_failed_check_writes_nothing(tmp_path, monkeypatch):
-    model = lively(build_model("mobilenetv3_small", input_size=32), seed=3)
+    model = lively(build_model("timm/mobilenetv3_small_100", input_size=32), seed=3)
     model.train()
     import facekd.export.onnx as onnx_export
 
@@ -182,4 +182,4 @@ def test_failed_check_writes_nothing(tmp_path, monkeypatch):
     # unchecked export of an in-memory model writes, and leaves the caller's model as it was
     report = export_onnx(model, out, check=False)
     assert not report.checked and report.max_abs_diff is None
-    assert read_onnx_info(out).arch == "mobilenetv3_small" and model.training
+    assert read_onnx_info(out).arch == "timm/mobilenetv3_small_100" and model.training

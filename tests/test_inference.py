@@ -73,7 +73,7 @@ def faces(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def quality_file(tmp_path_factory, faces) -> Path:
     images = load_images(image_files(faces)[:-1], SIZE)[0]
-    model = lively_model("mobilenetv3_small", images, seed=1)
+    model = lively_model("timm/mobilenetv3_small_100", images, seed=1)
     return save_model(model, tmp_path_factory.mktemp("q") / "q.safetensors")
 
 

@@ -17,10 +17,10 @@ from facekd.models.heads import EmbeddingHead
 
 REQUIRED = {
     "iresnet18": "recognition", "iresnet34": "recognition", "iresnet50": "recognition",
-    "iresnet100": "recognition", "mobilefacenet": "recognition", "mobilenetv3_small": "quality",
-    "edgenext_xxs": "quality", "iresnet50_quality": "quality",
+    "iresnet100": "recognition", "mobilefacenet": "recognition", "iresnet18_quality": "quality",
+    "iresnet50_quality": "quality",
 }
-SMALL = ["mobilefacenet", "mobilenetv3_small", "mobilenetv3_large_050", "edgenext_xxs"]
+FAMILY_MEMBERS = ["timm/mobilenetv3_small_100", "timm/edgenext_xx_small", "torchvision/swin_t"]
 
 
 def _meta_model(arch: str, input_size: int | None = None, **options):
@@ -34,13 +34,13 @@ def test_required_archs_registered_with_task_and_size():
         assert specs[name].task == task
         assert specs[name].description
     assert all(specs[n].input_size == 112 for n in ("iresnet18", "iresnet50", "iresnet100", "mobilefacenet"))
-    assert {s.name for s in available_archs("quality")} >= {"mobilenetv3_small", "edgenext_xxs"}
+    assert {s.name for s in available_archs("quality")} >= {"iresnet18_quality", "iresnet50_quality"}
     assert all(s.task == "recognition" for s in available_archs("recognition"))
     with pytest.raises(ConfigError, match="unknown task"):
         available_archs("detection")
 
 
-@pytest.mark.parametrize("spec", available_archs(), ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", available_archs() + [get_arch(n) for n in FAMILY_MEMBERS], ids=lambda s: s.name)
 def test_every_arch_output_shape_on_meta(spec):
     model = _meta_model(spec.name)
     size = spec.input_size
@@ -54,9 +54,10 @@ def test_every_arch_output_shape_on_meta(spec):
 
 
 @pytest.mark.parametrize("arch,size", [("mobilefacenet", 112), ("mobilefacenet", 128),
-                                       ("mobilenetv3_small", 160), ("mobilenetv3_small", 288),
-                                       ("mobilenetv3_large_050", 224), ("edgenext_xxs", 160),
-                                       ("edgenext_xxs", 256), ("iresnet18", 112)])
+                                       ("timm/mobilenetv3_small_100", 160), ("timm/mobilenetv3_small_050", 288),
+                                       ("timm/mobilenetv3_large_100", 224), ("timm/edgenext_xx_small", 160),
+                                       ("timm/edgenext_xx_small", 256), ("iresnet18", 112),
+                                       ("torchvision/swin_t", 64)])
 def test_real_forward_and_backward(arch, size):
     torch.manual_seed(0)
     model = build_model(arch, size)
@@ -74,21 +75,66 @@ def test_real_forward_and_backward(arch, size):
     assert a.shape == expected
 
 
-def test_edgenext_sdta_and_positional_encoding_in_place():
-    from facekd.models.students import SDTAEncoder
+def test_timm_trunk_is_timms_model_without_unused_modules():
+    import timm
 
-    model = build_model("edgenext_xxs")
-    sdta = [m for m in model.modules() if isinstance(m, SDTAEncoder)]
-    assert len(sdta) == 3  # last block of stages 2, 3 and 4
-    assert [m.pos_embed is not None for m in sdta] == [True, False, False]
-    assert [len(m.convs) for m in sdta] == [1, 2, 3]  # scales 2, 3, 4
-    assert [stage_len for stage_len in map(len, model.backbone.stages)] == [2, 2, 6, 2]
+    model = build_model("timm/edgenext_xx_small", 256)
+    assert isinstance(model.backbone.model, timm.models.EdgeNeXt)
+    assert [len(stage.blocks) for stage in model.backbone.model.stages] == [2, 2, 6, 2]
     assert model.backbone.out_channels == 168
+    assert isinstance(model.backbone.model.head, nn.Identity)  # its norm + classifier: never called
+    mbv3 = _meta_model("timm/mobilenetv3_large_100")
+    assert isinstance(mbv3.backbone.model.conv_head, nn.Identity) and mbv3.backbone.out_channels == 960
+    # a timm state dict maps 1:1 onto backbone.model.*
+    reference = timm.create_model("edgenext_xx_small", num_classes=0)
+    ours = {k.removeprefix("backbone.model."): v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    assert set(ours) == {k for k in reference.state_dict() if not k.startswith("head.")}
+
+
+def test_family_specs_take_normalization_and_size_from_the_pretrained_config():
+    edge = get_arch("timm/edgenext_xx_small")
+    assert edge.input_size == 256 and edge.task == "quality"
+    assert edge.normalization["mean"] == pytest.approx([0.485 * 255, 0.456 * 255, 0.406 * 255])
+    swin = get_arch("torchvision/swin_b")
+    assert swin.input_size == 224 and swin.default_options["drop_path"] == pytest.approx(0.5)
+    assert _meta_model("torchvision/swin_b", 448).backbone.out_channels == 1024
+    with pytest.raises(ConfigError, match=r"timm has no model 'edgenext_xx_smal'.*did you mean timm/edgenext_xx_small"):
+        get_arch("timm/edgenext_xx_smal")
+    with pytest.raises(ConfigError, match="torchvision backbones: torchvision/swin_t"):
+        get_arch("torchvision/resnet50")
+
+
+def test_retired_architectures_say_what_replaces_them():
+    for old, new in registry.RETIRED_ARCHS.items():
+        with pytest.raises(ConfigError, match=f"{old!r}.*retired; use {new!r}"):
+            build_model(old)
+        get_arch(new)  # the replacement exists
+
+
+def test_pretrained_path_loads_a_local_state_dict(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    source = timm.create_model("mobilenetv3_small_050")  # with its classifier, as a hub file has it
+    path = tmp_path / "mbv3.safetensors"
+    save_file(source.state_dict(), str(path))
+    model = build_model("timm/mobilenetv3_small_050", 64, pretrained=str(path))
+    assert torch.equal(model.backbone.model.conv_stem.weight, source.conv_stem.weight)
+    assert model.options["pretrained"] == str(path)
+    again = build_model("timm/mobilenetv3_small_050", 64, load_pretrained=False, pretrained=str(path))
+    assert not torch.equal(again.backbone.model.conv_stem.weight, source.conv_stem.weight)  # not read
+    torch.save({"conv_stem.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
+    with pytest.raises(FacekdError, match=r"wrong.pth.*missing keys: .*unexpected keys: conv_stem.weight|"
+                                          r"wrong.pth.*missing keys"):
+        build_model("timm/mobilenetv3_small_050", 64, pretrained=str(tmp_path / "wrong.pth"))
+    with pytest.raises(FacekdError, match="not found"):
+        build_model("torchvision/swin_t", 64, pretrained=str(tmp_path / "absent.pth"))
 
 
 def test_input_size_must_fit_the_stride():
     with pytest.raises(ConfigError, match="multiple of 32"):
-        build_model("edgenext_xxs", 100)
+        _meta_model("timm/edgenext_xx_small", 100)
     with pytest.raises(ConfigError, match="multiple of 16"):
         _meta_model("iresnet50", 120)
     with pytest.raises(ConfigError, match="integer"):
@@ -99,11 +145,13 @@ def test_input_size_must_fit_the_stride():
 
 
 def test_options_stored_json_and_rebuild_identical():
-    model = build_model("edgenext_xxs", 160, head_hidden=(64, 32), dropout=0.2, drop_path=0.1)
-    assert model.options == {"width_mult": 1.0, "drop_path": 0.1, "head_hidden": [64, 32], "dropout": 0.2,
-                             "head_norm": True}
+    model = build_model("timm/edgenext_xx_small", 160, head_hidden=(64, 32), dropout=0.2, drop_path=0.1,
+                        resize="center_crop")
+    assert model.options == {"pretrained": False, "drop_path": 0.1, "head_hidden": [64, 32], "dropout": 0.2,
+                             "head_norm": False, "head_activation": "gelu", "resize": "center_crop"}
+    assert model.geometry.mode == "center_crop" and model.geometry.size == 160
     meta = json.loads(json.dumps(model.metadata()))
-    assert meta["arch"] == "edgenext_xxs" and meta["input_size"] == 160 and meta["task"] == "quality"
+    assert meta["arch"] == "timm/edgenext_xx_small" and meta["input_size"] == 160 and meta["task"] == "quality"
     rebuilt = build_model(meta["arch"], meta["input_size"], **meta["options"])
     a, b = model.state_dict(), rebuilt.state_dict()
     assert list(a) == list(b)
@@ -121,8 +169,10 @@ def test_options_change_the_model():
     base = _meta_model("mobilefacenet")
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert n(small) < n(base)
-    wide = _meta_model("mobilenetv3_small", width_mult=1.5)
-    assert wide.backbone.out_channels > _meta_model("mobilenetv3_small").backbone.out_channels
+    wide = _meta_model("timm/mobilenetv3_small_100")
+    assert wide.backbone.out_channels > _meta_model("timm/mobilenetv3_small_050").backbone.out_channels
+    linear = _meta_model("timm/edgenext_xx_small", head_activation="none").head
+    assert not any(isinstance(m, nn.GELU) for m in linear.mlp)
     head = _meta_model("iresnet18_quality", head_hidden=[64, 16]).head
     assert [m.out_features for m in head.mlp if isinstance(m, nn.Linear)] == [64, 16, 1]
     assert _meta_model("iresnet34", dropout=0.3).head.dropout.p == 0.3
@@ -141,7 +191,7 @@ def test_bad_option_values_name_the_option(options, needle):
 @pytest.mark.parametrize("value", ["wide", [64, 0], [32.5], None])
 def test_bad_head_hidden(value):
     with pytest.raises(ConfigError, match="head_hidden"):
-        build_model("mobilenetv3_small", head_hidden=value)
+        _meta_model("timm/mobilenetv3_small_100", head_hidden=value)
 
 
 def test_unknown_option_and_arch_errors():
@@ -151,14 +201,14 @@ def test_unknown_option_and_arch_errors():
         build_model("iresnet50", task="quality")
     with pytest.raises(FacekdError, match=r"did you mean 'mobilefacenet'\?") as info:
         get_arch("mobilefacent")
-    assert "edgenext_xxs" in str(info.value)  # lists the choices
+    assert "iresnet50_quality" in str(info.value) and "timm/<name>" in str(info.value)  # lists the choices
     with pytest.raises(ConfigError, match="unknown architecture 'resnet9000'"):
         build_model("resnet9000")
 
 
 def test_normalization_per_task_and_normalize_layouts():
     rec = build_model("mobilefacenet")
-    qual = build_model("mobilenetv3_small", 64)
+    qual = build_model("timm/mobilenetv3_small_100", 64)
     assert rec.normalization == {"mean": [127.5] * 3, "std": [127.5] * 3}
     assert qual.normalization["mean"] == pytest.approx([0.485 * 255, 0.456 * 255, 0.406 * 255])
     assert qual.normalization["std"] == pytest.approx([0.229 * 255, 0.224 * 255, 0.225 * 255])
@@ -215,10 +265,10 @@ def test_register_custom_arch(monkeypatch):
         return trunk, QualityHead(6, head_hidden, dropout)
 
     spec = get_arch("tiny_test_net")
-    assert spec.default_options == {"head_hidden": [4], "dropout": 0.0}
+    assert spec.default_options == {"head_hidden": [4], "dropout": 0.0, "resize": "stretch"}
     model = build_model("tiny_test_net", 16, head_hidden=[3])
     assert model(torch.randn(2, 3, 16, 16)).shape == (2,)
-    assert model.options == {"head_hidden": [3], "dropout": 0.0}
+    assert model.options == {"head_hidden": [3], "dropout": 0.0, "resize": "stretch"}
     with pytest.raises(ValueError, match="already registered"):
         register_arch("tiny_test_net", "quality", 32, "again")(_tiny)
     with pytest.raises(ValueError, match="no check"):

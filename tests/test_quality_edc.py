@@ -25,7 +25,7 @@ def setup(tmp_path_factory):
                         pairs=60)
     torch.manual_seed(0)
     save_model(build_model("mobilefacenet", input_size=32, embedding_size=16, width_mult=0.5), root / "fr.safetensors")
-    save_model(build_model("mobilenetv3_small", input_size=32, width_mult=0.5), root / "q.safetensors")
+    save_model(build_model("timm/mobilenetv3_small_050", input_size=32), root / "q.safetensors")
     return root
 
 

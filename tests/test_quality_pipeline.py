@@ -13,8 +13,8 @@ from facekd.quality.pipeline import QualityPipeline
 from facekd.synth import generate_quality
 
 TINY = """
-teacher: {arch: mobilenetv3_small, input_size: 64}
-student: {arch: mobilenetv3_small, input_size: 64, options: {width_mult: 0.5}}
+teacher: {arch: timm/mobilenetv3_small_100, input_size: 64}
+student: {arch: timm/mobilenetv3_small_050, input_size: 64}
 teacher_train: {epochs: 1, batch_size: 16, accelerator: cpu, clip_grad_norm: 1.0}
 student_train: {epochs: 1, batch_size: 16, accelerator: cpu, clip_grad_norm: 1.0}
 pseudo: {confidence: flip}
@@ -149,7 +149,7 @@ def test_a_stage_killed_mid_training_resumes_to_the_same_result(quality_data, tm
         pass
 
     def dies_in_the_student_stage(self, model, batch):
-        if model.arch == "mobilenetv3_small" and model.options["width_mult"] == 0.5:
+        if model.arch == "timm/mobilenetv3_small_050":
             calls["n"] += 1
             if calls["n"] == 6:  # second epoch of the student (4 steps an epoch)
                 raise Killed()

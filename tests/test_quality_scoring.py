@@ -39,7 +39,7 @@ def model_file(tmp_path_factory, data) -> Path:
     """An untrained model whose scores differ visibly between images: batch-norm statistics
     taken from real images and a head with large weights (the default init scores ~0)."""
     torch.manual_seed(0)
-    model = build_model("mobilenetv3_small", input_size=SIZE)
+    model = build_model("timm/mobilenetv3_small_100", input_size=SIZE)
     images = np.stack([read_image(row.path) for row in read_mos_csv(data / "labeled.csv")])
     with torch.no_grad():
         for module in model.modules():

@@ -179,7 +179,7 @@ def test_distillation_refuses_a_missing_or_mismatched_teacher(faces, tmp_path):
     with pytest.raises(ConfigError, match="48px"):
         train_recognition(config, tmp_path / "s", role="student")
     with pytest.raises(ConfigError, match="quality model"):
-        train_recognition(tiny_config(faces, teacher={"arch": "mobilenetv3_small", "input_size": 32}),
+        train_recognition(tiny_config(faces, teacher={"arch": "timm/mobilenetv3_small_100", "input_size": 32}),
                           tmp_path / "t", role="teacher")
 
 

@@ -31,8 +31,8 @@ from facekd.synth import generate_identities, generate_quality
 from helpers import tiny_recognition_config as shared_config
 
 TINY = """
-teacher: {arch: mobilenetv3_small, input_size: 64}
-student: {arch: mobilenetv3_small, input_size: 64, options: {width_mult: 0.5}}
+teacher: {arch: timm/mobilenetv3_small_100, input_size: 64}
+student: {arch: timm/mobilenetv3_small_050, input_size: 64}
 teacher_train: {epochs: 1, batch_size: 16, accelerator: cpu, clip_grad_norm: 1.0, log_every_steps: 1}
 student_train: {epochs: 1, batch_size: 16, accelerator: cpu, clip_grad_norm: 1.0, log_every_steps: 1}
 pseudo: {confidence: flip}
@@ -175,7 +175,7 @@ def test_quality_section_tables_hold_the_report_numbers(runs, page):
     assert student["SRCC"] == (f"{expected['srcc']:.4f}", True)
     assert student["KRCC"] == (f"{expected['krcc']:.4f}", True)
     assert student["Params M"] == (f"{expected['params'] / 1e6:.3f}", True)
-    assert student["Arch"] == ("mobilenetv3_small", False)  # text: left-aligned
+    assert student["Arch"] == ("timm/mobilenetv3_small_050", False)  # text: left-aligned
     stages = _table(_tables(section), "Stage")
     assert _row(stages, "student")["Training images"] == ("64", True)
     assert _row(stages, "pseudo_u1")["Pseudo-labels"] == ("12", True)

@@ -50,18 +50,19 @@ def comparisons(pairs: PathLike | None = None, identities: PathLike | None = Non
             np.array([p.same for p in listed], dtype=bool))
 
 
-def _decode(paths: list[Path], size: int, cache: dict, progress: Progress):
-    """Images at `size` (decoded once per size) and a mask of the readable ones."""
+def _decode(paths: list[Path], geometry, cache: dict, progress: Progress):
+    """Images at a model's `geometry` (decoded once per geometry) and a mask of the readable ones."""
     from facekd.io.decode import load_images
 
-    if size not in cache:
-        images, kept, errors = load_images(paths, size, progress)
+    if geometry not in cache:
+        size = geometry.size
+        images, kept, errors = load_images(paths, geometry, progress)
         readable = np.zeros(len(paths), dtype=bool)
         readable[kept] = True
         full = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
         full[kept] = images
-        cache[size] = (full, readable, errors)
-    return cache[size]
+        cache[geometry] = (full, readable, errors)
+    return cache[geometry]
 
 
 def evaluate_edc(recognizer: PathLike, qualities: Sequence[PathLike], *, pairs: PathLike | None = None,
@@ -89,7 +90,7 @@ def evaluate_edc(recognizer: PathLike, qualities: Sequence[PathLike], *, pairs: 
     cache: dict = {}
     fr_model = load_model(recognizer)
     check_embedder(fr_model, recognizer)
-    images, readable, errors = _decode(paths, fr_model.input_size, cache, progress)
+    images, readable, errors = _decode(paths, fr_model.geometry, cache, progress)
     progress.log(f"embedding {len(paths)} images with {fr_model.arch}")
     embeddings, norms = embed_images(fr_model, images, batch_size, flip=True, with_norms=True)
     image_quality = {EMBEDDING_NORM: norms}
@@ -97,7 +98,7 @@ def evaluate_edc(recognizer: PathLike, qualities: Sequence[PathLike], *, pairs: 
         model = load_model(path)
         if model.task != "quality":
             raise FacekdError(f"{path}: a {model.task} model, not a quality model")
-        q_images, _, _ = _decode(paths, model.input_size, cache, progress)
+        q_images, _, _ = _decode(paths, model.geometry, cache, progress)
         image_quality[name] = predict(model, q_images, batch_size=batch_size, progress=progress)
     usable = readable[first] & readable[second]
     if not usable.any():

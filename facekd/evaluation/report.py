@@ -453,7 +453,7 @@ def _quality_predictions(run: Path, report: Mapping[str, Any],
     if not samples:
         return {}, [f"test set {csv_path} lists no image: no scatter plots or gallery."]
     mos = np.array([sample.mos for sample in samples], dtype=np.float64)
-    decoded: dict[int, tuple[np.ndarray, np.ndarray, list]] = {}
+    decoded: dict = {}  # Resize -> load_images result
     predictions: dict[str, _Predictions] = {}
     notes: list[str] = []
     for label in report.get("models") or {}:
@@ -463,13 +463,13 @@ def _quality_predictions(run: Path, report: Mapping[str, Any],
         except FacekdError as error:
             notes.append(f"{label}: model file unusable ({error}); it is left out of the plots.")
             continue
-        size = int(model.input_size)
-        if size not in decoded:
-            decoded[size] = load_images([sample.path for sample in samples], size, progress)
-            if decoded[size][2]:
-                notes.append(f"{len(decoded[size][2])} of {len(samples)} test images could not be read "
-                             f"at {size}px and are left out.")
-        images, kept, _ = decoded[size]
+        geometry = model.geometry
+        if geometry not in decoded:
+            decoded[geometry] = load_images([sample.path for sample in samples], geometry, progress)
+            if decoded[geometry][2]:
+                notes.append(f"{len(decoded[geometry][2])} of {len(samples)} test images could not be read "
+                             f"at {geometry.size}px and are left out.")
+        images, kept, _ = decoded[geometry]
         if not len(kept):
             notes.append(f"{label}: no readable test image.")
             continue

@@ -117,7 +117,7 @@ class _OnnxPredictor(_BatchPredictor):
         if info.task != self.task:
             other = "OnnxFaceEmbedder" if info.task == "recognition" else "OnnxQualityModel"
             raise DataError(info.path, f"is a {info.task} model, not {self.task}; use {other} or load_onnx")
-        _BatchPredictor.__init__(self, info.input_size, batch_size)
+        _BatchPredictor.__init__(self, info.geometry, batch_size)
         self.path = info.path
         self.model_info = info
         self._session = session

@@ -110,7 +110,7 @@ def _images_per_second(predictor, batch: np.ndarray) -> float:
     return len(batch) / statistics.median(times)
 
 
-def decode_seconds(paths: Sequence[os.PathLike], size: int) -> float:
+def decode_seconds(paths: Sequence[os.PathLike], size) -> float:
     """CPU seconds one thread spends decoding and resizing one of `paths` (median), 0 if none decode."""
     from facekd.io.decode import load_one
 
@@ -197,7 +197,7 @@ def open_model(model_path: str | os.PathLike, *, backend: str = "auto", device: 
             progress.log(f"ONNX export failed, staying on PyTorch: {error}")
     first = make("torch", threads or cores)
     size = first.input_size
-    decode_cost = decode_seconds(decode_sample, size)
+    decode_cost = decode_seconds(decode_sample, first.geometry)
     images = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
     batches = sorted({min(SMALL_BATCH, batch_size), batch_size})
     progress.log(f"timing {' and '.join(names)} on {path.name} (batches of {' and '.join(map(str, batches))})")

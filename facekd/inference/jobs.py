@@ -173,7 +173,7 @@ def _run_job(model, inputs: Sequence[PathLike], out: PathLike, fmt: OutputFormat
     started = time.perf_counter()
     try:
         with progress.task(f"{fmt.verb} images", len(todo), unit="img") as bar:
-            for batch in decode_batches(todo, size, batch_size, workers):
+            for batch in decode_batches(todo, model.geometry, batch_size, workers):
                 for path, reason in batch.errors:
                     if strict:
                         raise DataError(path, reason)

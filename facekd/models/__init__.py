@@ -1,26 +1,28 @@
 """facekd.models: backbones, heads, the architecture registry and the cost report.
 
-    model = build_model("edgenext_xxs")            # quality student, 288×288, scores (B,)
-    model = build_model("iresnet50", dropout=0.2)  # recognition, 112×112, embeddings (B, 512)
-    x = model.normalize(uint8_images)              # RGB [0, 255] -> normalised float NCHW
+    model = build_model("timm/edgenext_xx_small", 352)   # quality student, scores (B,)
+    model = build_model("iresnet50", dropout=0.2)        # recognition, 112×112, embeddings (B, 512)
+    x = model.normalize(uint8_images)                    # RGB [0, 255] -> normalised float NCHW
     same = build_model(model.arch, model.input_size, **model.options)
 
-Recognition: iresnet18/34/50/100, mobilefacenet. Quality: edgenext_xxs, mobilenetv3_small,
-mobilenetv3_large_050 (students), iresnet18_quality, iresnet50_quality (teachers).
+Recognition: iresnet18/34/50/100, mobilefacenet (ours, as in insightface). Quality: any
+`timm/<name>`, `torchvision/swin_t|swin_s|swin_b`, and iresnet18_quality / iresnet50_quality.
+Importing this package registers them all (each where it is defined).
 """
 
 from __future__ import annotations
 
+from facekd.models import backbones, iresnet, mobilefacenet  # noqa: F401  (they register their architectures)
 from facekd.models.cost import (GFLOPS_NOTE, cost_report, count_flops, count_params, format_cost_table,
                                 measure_latency)
 from facekd.models.heads import EmbeddingHead, GDCHead, QualityHead
-from facekd.models.registry import (OPTION_HELP, QUALITY_NORMALIZATION, RECOGNITION_NORMALIZATION, TASKS,
-                                    ArchSpec, FaceModel, available_archs, build_model, get_arch,
-                                    normalize_images, register_arch)
+from facekd.models.registry import (OPTION_HELP, QUALITY_NORMALIZATION, RECOGNITION_NORMALIZATION, RETIRED_ARCHS,
+                                    TASKS, ArchSpec, FaceModel, available_archs, available_families, build_model,
+                                    get_arch, normalize_images, register_arch, register_family)
 
 __all__ = [
     "ArchSpec", "FaceModel", "EmbeddingHead", "GDCHead", "QualityHead", "GFLOPS_NOTE", "OPTION_HELP",
-    "QUALITY_NORMALIZATION", "RECOGNITION_NORMALIZATION", "TASKS", "available_archs", "build_model",
-    "cost_report", "count_flops", "count_params", "format_cost_table", "get_arch", "measure_latency",
-    "normalize_images", "register_arch",
+    "QUALITY_NORMALIZATION", "RECOGNITION_NORMALIZATION", "RETIRED_ARCHS", "TASKS", "available_archs",
+    "available_families", "build_model", "cost_report", "count_flops", "count_params", "format_cost_table",
+    "get_arch", "measure_latency", "normalize_images", "register_arch", "register_family",
 ]

@@ -38,6 +38,13 @@ class ModelInfo:
     training_config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def geometry(self):
+        """How an image becomes this model's input (`facekd.io.images.Resize`)."""
+        from facekd.io.images import Resize
+
+        return Resize(self.input_size, self.options.get("resize", "stretch"))
+
 
 def model_metadata(model, training_config: dict | None = None, metrics: dict | None = None) -> dict[str, str]:
     """The string metadata that describes `model` (a FaceModel) in a model file or an ONNX graph."""
@@ -128,7 +135,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
         except Exception as error:
             raise DataError(path, f"truncated or damaged weights ({error})") from None
     try:
-        model = build_model(info.arch, input_size=info.input_size, **info.options)
+        model = build_model(info.arch, input_size=info.input_size, load_pretrained=False, **info.options)
     except (FacekdError, TypeError) as error:
         raise DataError(path, f"cannot rebuild the model: {error}") from None
     try:

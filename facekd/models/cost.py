@@ -1,9 +1,14 @@
 """Model cost: parameters, GFLOPs and CPU latency/throughput.
 
-FLOPs are multiply-adds (one MAC = one FLOP, the fvcore/ptflops convention used by papers and
-challenge limits), counted by `torch.utils.flop_counter.FlopCounterMode` (which counts
-2 FLOPs per MAC for convolutions and matrix products) and halved. Element-wise work
-(norms, activations, softmax, pooling) is not counted, as in those tools' main figures.
+FLOPs are multiply-adds (one MAC = one FLOP), counted as fvcore's `FlopCountAnalysis` counts
+them by default, the convention of papers and challenge limits (the VQualA FIQA challenge's
+0.3313 G for EdgeNeXt-XXS at 288×288): convolutions and matrix products (from
+`torch.utils.flop_counter.FlopCounterMode`, which counts 2 per MAC, halved), plus fvcore's
+rules for batch norm in eval (1 per element, 2 with an affine), layer/group norm (4 per
+element, 5 with an affine), adaptive average pooling (1 per input element; a global one runs
+as a mean and is not counted, a few thousand MACs) and bilinear (4 per output element) /
+nearest (1) upsampling. Activations, softmax and other element-wise work are
+not counted, as in fvcore.
 """
 
 from __future__ import annotations
@@ -40,6 +45,47 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def _numel(shape) -> int:
+    count = 1
+    for dim in shape:
+        count *= int(dim)
+    return count
+
+
+def _norm_rule(per_element: int, affine_arg: int):
+    """fvcore's norm rule as a FlopCounterMode formula (in its 2-per-MAC units)."""
+    def flops(x_shape, *args, out_shape=None, **kwargs) -> int:
+        affine = len(args) >= affine_arg and args[affine_arg - 1] is not None
+        return 2 * _numel(x_shape) * (per_element + (1 if affine else 0))
+    return flops
+
+
+def _input_rule(scale: int):
+    def flops(x_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * scale * _numel(x_shape)
+    return flops
+
+
+def _output_rule(scale: int):
+    def flops(*args, out_shape=None, **kwargs) -> int:
+        return 2 * scale * _numel(out_shape)
+    return flops
+
+
+def _fvcore_extra_rules() -> dict:
+    aten = torch.ops.aten
+    rules = {
+        aten.native_layer_norm: _norm_rule(4, 2),  # (input, normalized_shape, weight, bias, eps)
+        aten.native_group_norm: _norm_rule(4, 1),  # (input, weight, bias, N, C, HxW, group, eps)
+        aten.native_batch_norm: _norm_rule(1, 1),  # eval-mode count: (input, weight, ...)
+        aten._native_batch_norm_legit_no_training: _norm_rule(1, 1),
+        aten._adaptive_avg_pool2d: _input_rule(1),
+        aten.upsample_bilinear2d: _output_rule(4),
+        aten.upsample_nearest2d: _output_rule(1),
+    }
+    return rules
+
+
 def count_flops(model: nn.Module, input_size: int | tuple[int, int]) -> int:
     """Multiply-adds of one forward pass on a single (3, H, W) image, in eval mode.
 
@@ -49,7 +95,7 @@ def count_flops(model: nn.Module, input_size: int | tuple[int, int]) -> int:
     model.eval()
     try:
         x = torch.zeros(1, 3, h, w, device=_device_of(model))
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
+        with FlopCounterMode(display=False, custom_mapping=_fvcore_extra_rules()) as counter, torch.no_grad():
             model(x)
     finally:
         model.train(was_training)
@@ -127,13 +173,18 @@ def cost_report(archs: Iterable[str] | None = None, input_size: int | None = Non
     The two key names keep their default-batch spelling; `latency_batch` and
     `throughput_batch` give the batch sizes actually used. `measure=False` (or a batch of
     None) builds on the meta device and skips timing (those fields are None): instant.
-    `input_size` None uses each architecture's own default."""
+    `input_size` None uses each architecture's own default; `archs` None: the named ones and
+    the featured timm/torchvision backbones."""
     from facekd.models.registry import available_archs, build_model, get_arch
 
     progress = progress or Progress()
     if isinstance(archs, str):
         archs = [archs]
-    names = [spec.name for spec in available_archs()] if archs is None else list(archs)
+    if archs is None:
+        from facekd.models.backbones import FEATURED_BACKBONES
+
+        archs = [spec.name for spec in available_archs()] + list(FEATURED_BACKBONES)
+    names = list(archs)
     specs = [get_arch(name) for name in names]  # fail before any work on a bad name
     for spec in specs:
         if input_size is not None:
@@ -150,6 +201,7 @@ def cost_report(archs: Iterable[str] | None = None, input_size: int | None = Non
         row: dict[str, Any] = {
             "arch": spec.name,
             "task": spec.task,
+            "description": spec.description,
             "input_size": size,
             "params": count_params(model),
             "gflops": count_flops(model, size) / 1e9,
@@ -188,6 +240,7 @@ def format_cost_table(rows: list[dict[str, Any]]):
     table.add_column("GFLOPs", justify="right")
     table.add_column(f"ms b{lat_batch}", justify="right")
     table.add_column(f"img/s b{thr_batch}", justify="right")
+    table.add_column("Description")
 
     def fmt(value: Any, spec: str) -> str:
         return "–" if value is None else format(value, spec)
@@ -199,5 +252,6 @@ def format_cost_table(rows: list[dict[str, Any]]):
             fmt(row.get("gflops"), ".4f"),
             fmt(row.get("latency_ms_b1"), ".2f"),
             fmt(row.get("throughput_b64"), ".1f"),
+            str(row.get("description", "")),
         )
     return table

@@ -59,16 +59,18 @@ class GDCHead(nn.Module):
 class QualityHead(nn.Module):
     """Global average pooling → (LayerNorm) → [Linear → GELU → dropout]* → Linear → score.
 
-    `hidden=(128,)` on a 168-channel trunk is the 168→128→1 head of the VQualA winner."""
+    `hidden=(128,)`, `activation="none"`, no norm, no dropout on EdgeNeXt-XXS's 168 channels is
+    the 168→128→1 head of the VQualA winner (Efficient-FIQA: two Linear layers in a row)."""
 
     def __init__(self, in_channels: int, hidden: Sequence[int] = (128,), dropout: float = 0.0,
-                 norm: bool = False):
+                 norm: bool = False, activation: str = "gelu"):
         super().__init__()
         self.norm: nn.Module = nn.LayerNorm(in_channels, eps=1e-6) if norm else nn.Identity()
         layers: list[nn.Module] = []
         width = in_channels
         for size in hidden:
-            layers += [nn.Linear(width, int(size)), nn.GELU(), nn.Dropout(p=dropout)]
+            layers += [nn.Linear(width, int(size)), nn.GELU() if activation == "gelu" else nn.Identity(),
+                       nn.Dropout(p=dropout)]
             width = int(size)
         layers.append(nn.Linear(width, 1))
         self.mlp = nn.Sequential(*layers)

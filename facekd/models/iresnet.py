@@ -96,3 +96,32 @@ def iresnet(depth: int) -> IResNet:
     if depth not in IRESNET_LAYERS:
         raise ValueError(f"no IResNet of depth {depth}; choose from {sorted(IRESNET_LAYERS)}")
     return IResNet(IRESNET_LAYERS[depth])
+
+
+# --------------------------------------------------------------------------------------------
+# Registered architectures (costs: `facekd models`)
+
+
+def _register(depth: int) -> None:
+    from facekd.models.heads import EmbeddingHead, QualityHead
+    from facekd.models.registry import register_arch
+
+    @register_arch(f"iresnet{depth}", "recognition", 112,
+                   f"IResNet-{depth} (insightface layout), BN–dropout–FC–BN embedding head", stride=16)
+    def _build(input_size: int, *, embedding_size: int = 512, dropout: float = 0.0):
+        backbone = iresnet(depth)
+        head = EmbeddingHead(backbone.out_channels, input_size // backbone.stride, embedding_size, dropout)
+        return backbone, head
+
+    if depth in (18, 50):
+        @register_arch(f"iresnet{depth}_quality", "quality", 224,
+                       f"IResNet-{depth} trunk + quality MLP (quality teacher), trunk loadable from "
+                       f"iresnet{depth}", stride=16)
+        def _build_quality(input_size: int, *, head_hidden: Sequence[int] = (128,), dropout: float = 0.1,
+                           head_norm: bool = True, head_activation: str = "gelu"):
+            backbone = iresnet(depth)
+            return backbone, QualityHead(backbone.out_channels, head_hidden, dropout, head_norm, head_activation)
+
+
+for _depth in IRESNET_LAYERS:
+    _register(_depth)

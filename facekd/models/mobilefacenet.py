@@ -101,3 +101,19 @@ class MobileFaceNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+
+def _register() -> None:
+    from facekd.models.heads import GDCHead
+    from facekd.models.registry import register_arch
+
+    @register_arch("mobilefacenet", "recognition", 112,
+                   "MobileFaceNet (Chen et al. 2018), global depthwise conv (GDC) embedding head", stride=16)
+    def _build(input_size: int, *, embedding_size: int = 512, dropout: float = 0.0, width_mult: float = 1.0,
+               blocks: Sequence[int] = DEFAULT_BLOCKS):
+        backbone = MobileFaceNet(width_mult=width_mult, blocks=blocks)
+        head = GDCHead(backbone.out_channels, input_size // backbone.stride, embedding_size, dropout)
+        return backbone, head
+
+
+_register()

@@ -2,7 +2,8 @@
 
 Images may be paths, a folder (recursive), an image-list file (.txt/.lst), an RGB uint8 array
 (HxWx3), a batch array (NxHxWx3), or a sequence of any of these. Inputs are resized to the
-model's input size; faces are assumed to be already cropped/aligned."""
+model's input as the model file says (`Resize`: stretched, or shorter side + centre crop);
+faces are assumed to be already cropped/aligned."""
 
 from __future__ import annotations
 
@@ -43,9 +44,10 @@ class _BatchPredictor:
 
     task = ""
 
-    def __init__(self, input_size: int, batch_size: int = 64):
+    def __init__(self, geometry, batch_size: int = 64):
         self.batch_size = check_batch_size(batch_size)
-        self.input_size = input_size
+        self.geometry = geometry  # facekd.io.images.Resize
+        self.input_size = geometry.size
 
     def _run_batch(self, batch: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -54,10 +56,10 @@ class _BatchPredictor:
         raise NotImplementedError
 
     def _load(self, item: Path | np.ndarray) -> np.ndarray:
-        from facekd.io.images import read_image, resize_to, to_rgb_uint8
+        from facekd.io.images import read_image, to_rgb_uint8
 
         image = to_rgb_uint8(item) if isinstance(item, np.ndarray) else read_image(item)
-        return resize_to(image, (self.input_size, self.input_size))
+        return self.geometry(image)
 
     def _batches(self, items: list[Path | np.ndarray]) -> Iterator[np.ndarray]:
         for start in range(0, len(items), self.batch_size):
@@ -106,7 +108,7 @@ class EmbeddingOutputs:
 
 class _Predictor(_BatchPredictor):
     def __init__(self, model, device: str | torch.device = "cpu", batch_size: int = 64):
-        super().__init__(model.input_size, batch_size)
+        super().__init__(model.geometry, batch_size)
         self.model = model.to(device).eval()
         self.device = torch.device(device)
 

@@ -1,10 +1,15 @@
 """Architecture registry: every model is named, built from (arch, input size, options), and
 rebuilt exactly from the same three values (which a model file stores).
 
-Design for quality teachers: a quality model is its own registered name (`iresnet50_quality`
-= IResNet-50 trunk + `QualityHead`), so the name alone says the task and the head. Its trunk
-has the same parameter names as the recognition net's (`backbone.*`), so a trunk trained
-for recognition can be loaded into it with `model.backbone.load_state_dict(...)`.
+Architectures register themselves where they are defined (timm's style): `register_arch` for
+a named net (`facekd.models.iresnet`, `facekd.models.mobilefacenet`), `register_family` for a
+whole library of backbones resolved by prefix (`timm/<name>`, `torchvision/<name>`, in
+`facekd.models.backbones`). A quality model is its own name (`iresnet50_quality` = IResNet-50
+trunk + `QualityHead`), so the name alone says the task and the head.
+
+Options shared by every architecture: `resize` (how an image becomes the input, see
+`facekd.io.images.Resize`). `pretrained` (where offered) is honoured when a model is built
+for training; `facekd.load` rebuilds with `load_pretrained=False`, so it never downloads.
 """
 
 from __future__ import annotations
@@ -22,10 +27,6 @@ from torch import nn
 
 from facekd.errors import ConfigError, FacekdError
 from facekd.io.images import Resize
-from facekd.models.heads import EmbeddingHead, GDCHead, QualityHead
-from facekd.models.iresnet import iresnet
-from facekd.models.mobilefacenet import DEFAULT_BLOCKS, MobileFaceNet
-from facekd.models.students import edgenext_xxs, mobilenetv3
 
 TASKS = ("recognition", "quality")
 
@@ -77,6 +78,23 @@ def _bool_value(name: str, value: Any) -> bool:
     return bool(value)
 
 
+def _choice(*allowed: str) -> Callable[[str, Any], str]:
+    def check(name: str, value: Any) -> str:
+        if value not in allowed:
+            raise ConfigError(f"option {name!r} must be one of {', '.join(allowed)}, got {value!r}")
+        return value
+    return check
+
+
+def _pretrained_value(name: str, value: Any) -> bool | str:
+    """`pretrained`: true/false (the library's own weights), or the path of a local weights file."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value.strip():
+        return value
+    raise ConfigError(f"option {name!r} must be true, false or the path of a .safetensors/.pth file, got {value!r}")
+
+
 OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "embedding_size": lambda n, v: _int_value(n, v),
     "dropout": lambda n, v: _float_value(n, v, 0.0, 1.0, high_open=True),
@@ -85,15 +103,29 @@ OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "head_hidden": lambda n, v: _int_list(n, v),
     "head_norm": _bool_value,
     "blocks": lambda n, v: _int_list(n, v, length=4),
+    "head_activation": _choice("gelu", "none"),
+    "pretrained": _pretrained_value,
+    "resize": _choice("stretch", "center_crop"),
 }
 OPTION_HELP = {
     "embedding_size": "embedding dimension",
     "dropout": "dropout before the embedding FC / inside the quality MLP",
-    "drop_path": "stochastic depth rate (EdgeNeXt)",
+    "drop_path": "stochastic depth rate (timm / torchvision backbones)",
     "width_mult": "channel width multiplier",
     "head_hidden": "hidden sizes of the quality MLP, e.g. [128]",
     "head_norm": "LayerNorm on the pooled features before the quality MLP",
     "blocks": "MobileFaceNet repeats per stage, four integers",
+    "head_activation": "activation between the quality MLP's layers: gelu, or none (Efficient-FIQA's linear head)",
+    "pretrained": "true: the library's ImageNet weights (downloaded once); or a local .safetensors/.pth state dict",
+    "resize": "stretch (to S×S), or center_crop (shorter side to S + centre crop, torchvision's Resize+CenterCrop)",
+}
+
+#: Architectures facekd once had, and what replaces them.
+RETIRED_ARCHS = {
+    "edgenext_xxs": "timm/edgenext_xx_small",
+    "mobilenetv3_small": "timm/mobilenetv3_small_100",
+    "mobilenetv3_large_050": "timm/mobilenetv3_large_075",
+    "mobilenetv3_large": "timm/mobilenetv3_large_100",
 }
 
 
@@ -113,17 +145,21 @@ class ArchSpec:
     description: str
     builder: Builder = field(repr=False)
     stride: int = 32
+    mean_std: dict[str, list[float]] | None = None  # None: the task's default
+    fixed_input_size: bool = False
 
     @property
     def default_options(self) -> dict[str, Any]:
         """Every option this architecture accepts, with its default (JSON-able)."""
         params = inspect.signature(self.builder).parameters
-        return {name: OPTION_CHECKS[name](name, p.default) for name, p in params.items()
-                if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        options = {name: OPTION_CHECKS[name](name, p.default) for name, p in params.items()
+                   if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        return {**options, "resize": "stretch"}
 
     @property
     def normalization(self) -> dict[str, list[float]]:
-        return {key: list(value) for key, value in _NORMALIZATION[self.task].items()}
+        source = self.mean_std or _NORMALIZATION[self.task]
+        return {key: [float(v) for v in value] for key, value in source.items()}
 
     def resolve_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """Defaults updated with `options`, each checked and made JSON-able."""
@@ -143,6 +179,8 @@ class ArchSpec:
         if isinstance(input_size, bool) or not isinstance(input_size, numbers.Integral):
             raise ConfigError(f"input_size for {self.name!r} must be an integer, got {input_size!r}")
         size = int(input_size)
+        if self.fixed_input_size and size != self.input_size:
+            raise ConfigError(f"{self.name!r} takes only {self.input_size}×{self.input_size} input, got {size}")
         if size < self.stride or size % self.stride:
             raise ConfigError(f"input_size for {self.name!r} must be a positive multiple of {self.stride}, "
                               f"got {size}")
@@ -150,6 +188,44 @@ class ArchSpec:
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
+
+
+@dataclass(frozen=True)
+class ArchFamily:
+    """A library of backbones named `prefix/<name>`: `resolve(name)` returns the ArchSpec of
+    `prefix/name` (or raises ConfigError), `names()` lists the names it can build."""
+
+    prefix: str
+    description: str
+    resolve: Callable[[str], ArchSpec] = field(repr=False)
+    names: Callable[[], list[str]] = field(repr=False)
+
+
+_FAMILIES: dict[str, ArchFamily] = {}
+_RESOLVED: dict[str, ArchSpec] = {}  # family members already resolved
+
+
+def register_family(prefix: str, description: str, resolve: Callable[[str], ArchSpec],
+                    names: Callable[[], list[str]]) -> None:
+    """Make every `prefix/<name>` an architecture, resolved (and cached) on first use."""
+    if prefix in _FAMILIES:
+        raise ValueError(f"architecture family {prefix!r} is already registered")
+    _FAMILIES[prefix] = ArchFamily(prefix, description, resolve, names)
+
+
+def available_families() -> list[ArchFamily]:
+    """The registered backbone families (timm, torchvision), in registration order."""
+    return list(_FAMILIES.values())
+
+
+def check_builder(name: str, builder: Builder) -> None:
+    """Every keyword-only parameter of `builder` is an option with a check and a default."""
+    for pname, param in inspect.signature(builder).parameters.items():
+        if param.kind is inspect.Parameter.KEYWORD_ONLY:
+            if pname not in OPTION_CHECKS:
+                raise ValueError(f"{name}: option {pname!r} has no check in OPTION_CHECKS")
+            if param.default is inspect.Parameter.empty:
+                raise ValueError(f"{name}: option {pname!r} needs a default")
 
 
 def register_arch(name: str, task: str, input_size: int, description: str, *,
@@ -163,12 +239,7 @@ def register_arch(name: str, task: str, input_size: int, description: str, *,
     def decorate(builder: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"architecture {name!r} is already registered")
-        for pname, param in inspect.signature(builder).parameters.items():
-            if param.kind is inspect.Parameter.KEYWORD_ONLY:
-                if pname not in OPTION_CHECKS:
-                    raise ValueError(f"{name}: option {pname!r} has no check in OPTION_CHECKS")
-                if param.default is inspect.Parameter.empty:
-                    raise ValueError(f"{name}: option {pname!r} needs a default")
+        check_builder(name, builder)
         _REGISTRY[name] = ArchSpec(name, task, input_size, description, builder, stride)
         return builder
 
@@ -176,7 +247,8 @@ def register_arch(name: str, task: str, input_size: int, description: str, *,
 
 
 def available_archs(task: str | None = None) -> list[ArchSpec]:
-    """Registered architectures (all, or those of one task), in registration order."""
+    """Named architectures (all, or those of one task), in registration order; family
+    members (`timm/...`) are not listed (see `available_families`)."""
     if task is not None and task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     return [spec for spec in _REGISTRY.values() if task is None or spec.task == task]
@@ -186,7 +258,15 @@ def get_arch(name: str) -> ArchSpec:
     """The spec of a registered architecture; a clear error with suggestions otherwise."""
     if isinstance(name, str) and name in _REGISTRY:
         return _REGISTRY[name]
-    choices = sorted(_REGISTRY)
+    if isinstance(name, str) and name in RETIRED_ARCHS:
+        raise ConfigError(f"architecture {name!r} (facekd's hand-written copy) was retired; use "
+                          f"{RETIRED_ARCHS[name]!r}, timm's own, and retrain or import the model")
+    prefix, _, member = str(name).partition("/")
+    if member and prefix in _FAMILIES:
+        if name not in _RESOLVED:
+            _RESOLVED[name] = _FAMILIES[prefix].resolve(member)
+        return _RESOLVED[name]
+    choices = sorted(n for n in _REGISTRY if "/" not in n) + [f"{p}/<name>" for p in _FAMILIES]
     close = difflib.get_close_matches(str(name), choices, n=1, cutoff=0.5)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ConfigError(f"unknown architecture {name!r}{hint}; choose from {', '.join(choices)}")
@@ -288,94 +368,19 @@ def normalize_images(images: torch.Tensor | np.ndarray, normalization: dict[str,
     return ((batch - mean) / std).contiguous()
 
 
-def build_model(arch: str, input_size: int | None = None, **options: Any) -> FaceModel:
+def build_model(arch: str, input_size: int | None = None, *, load_pretrained: bool = True,
+                **options: Any) -> FaceModel:
     """Build a registered architecture at `input_size` (its default when None).
 
+    `load_pretrained=False` builds with random weights whatever the `pretrained` option says
+    (the option is still recorded): for rebuilding a saved model, with no download.
     Unknown architectures, unknown options and bad values raise `ConfigError`."""
     spec = get_arch(arch)
     size = spec.check_input_size(spec.input_size if input_size is None else input_size)
     resolved = spec.resolve_options(options)
-    backbone, head = spec.builder(size, **resolved)
-    return FaceModel(spec.name, spec.task, size, backbone, head, resolved, spec.normalization)
-
-
-# --------------------------------------------------------------------------------------------
-# Registered architectures
-
-
-def _register_iresnet(depth: int, gflops: float, mparams: float) -> None:
-    @register_arch(f"iresnet{depth}", "recognition", 112,
-                   f"IResNet-{depth} (insightface), 512-d embedding; ~{mparams:g} M params, "
-                   f"~{gflops:g} GFLOPs at 112", stride=16)
-    def _build(input_size: int, *, embedding_size: int = 512, dropout: float = 0.0):
-        backbone = iresnet(depth)
-        head = EmbeddingHead(backbone.out_channels, input_size // backbone.stride, embedding_size, dropout)
-        return backbone, head
-
-
-for _depth, _gflops, _mparams in ((18, 2.6, 24), (34, 4.5, 34), (50, 6.3, 43.6), (100, 12.1, 65)):
-    _register_iresnet(_depth, _gflops, _mparams)
-
-
-@register_arch("mobilefacenet", "recognition", 112,
-               "MobileFaceNet (Chen et al. 2018), GDC head, 512-d embedding; ~1.2 M params, ~0.23 GFLOPs",
-               stride=16)
-def _build_mobilefacenet(input_size: int, *, embedding_size: int = 512, dropout: float = 0.0,
-                         width_mult: float = 1.0, blocks: Sequence[int] = DEFAULT_BLOCKS):
-    backbone = MobileFaceNet(width_mult=width_mult, blocks=blocks)
-    head = GDCHead(backbone.out_channels, input_size // backbone.stride, embedding_size, dropout)
-    return backbone, head
-
-
-def _register_quality_teacher(depth: int, cost: str) -> None:
-    @register_arch(f"iresnet{depth}_quality", "quality", 224,
-                   f"IResNet-{depth} trunk + quality MLP (quality teacher), trunk loadable from "
-                   f"iresnet{depth}; {cost}", stride=16)
-    def _build(input_size: int, *, head_hidden: Sequence[int] = (128,), dropout: float = 0.1,
-               head_norm: bool = True):
-        backbone = iresnet(depth)
-        return backbone, QualityHead(backbone.out_channels, head_hidden, dropout, head_norm)
-
-
-for _depth, _cost in ((18, "~11 M params, ~10 GFLOPs at 224"), (50, "~31 M params, ~25 GFLOPs at 224")):
-    _register_quality_teacher(_depth, _cost)
-
-
-@register_arch("mobilenetv3_small", "quality", 224,
-               "MobileNetV3-Small trunk + quality MLP (student); ~1.0 M params, ~0.06 GFLOPs at 224")
-def _build_mobilenetv3_small(input_size: int, *, width_mult: float = 1.0, head_hidden: Sequence[int] = (128,),
-                             dropout: float = 0.1, head_norm: bool = False):
-    backbone = mobilenetv3("small", width_mult)
-    return backbone, QualityHead(backbone.out_channels, head_hidden, dropout, head_norm)
-
-
-def _build_mobilenetv3_large(input_size: int, *, width_mult: float, head_hidden: Sequence[int] = (128,),
-                             dropout: float = 0.1, head_norm: bool = False):
-    backbone = mobilenetv3("large", width_mult)
-    return backbone, QualityHead(backbone.out_channels, head_hidden, dropout, head_norm)
-
-
-@register_arch("mobilenetv3_large_050", "quality", 224,
-               "MobileNetV3-Large ×0.5 trunk + quality MLP (student); ~0.85 M params, ~0.064 GFLOPs at 224")
-def _build_mobilenetv3_large_050(input_size: int, *, width_mult: float = 0.5, head_hidden: Sequence[int] = (128,),
-                                 dropout: float = 0.1, head_norm: bool = False):
-    return _build_mobilenetv3_large(input_size, width_mult=width_mult, head_hidden=head_hidden, dropout=dropout,
-                                    head_norm=head_norm)
-
-
-@register_arch("mobilenetv3_large", "quality", 224,
-               "MobileNetV3-Large trunk + quality MLP (a teacher small enough for CPU demos); "
-               "~3.1 M params, ~0.22 GFLOPs at 224")
-def _build_mobilenetv3_large_100(input_size: int, *, width_mult: float = 1.0, head_hidden: Sequence[int] = (128,),
-                                 dropout: float = 0.1, head_norm: bool = False):
-    return _build_mobilenetv3_large(input_size, width_mult=width_mult, head_hidden=head_hidden, dropout=dropout,
-                                    head_norm=head_norm)
-
-
-@register_arch("edgenext_xxs", "quality", 288,
-               "EdgeNeXt-XXS trunk + 168→128→1 quality MLP (the VQualA winner's student); "
-               "~1.18 M params, ~0.33 GFLOPs at 288")
-def _build_edgenext_xxs(input_size: int, *, width_mult: float = 1.0, drop_path: float = 0.0,
-                        head_hidden: Sequence[int] = (128,), dropout: float = 0.1, head_norm: bool = True):
-    backbone = edgenext_xxs(width_mult=width_mult, drop_path=drop_path)
-    return backbone, QualityHead(backbone.out_channels, head_hidden, dropout, head_norm)
+    builder_options = {name: value for name, value in resolved.items() if name != "resize"}
+    if not load_pretrained and "pretrained" in builder_options:
+        builder_options["pretrained"] = False
+    backbone, head = spec.builder(size, **builder_options)
+    return FaceModel(spec.name, spec.task, size, backbone, head, resolved, spec.normalization,
+                     resize=resolved["resize"])
