@@ -201,6 +201,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from facekd.models.importers import import_checkpoint
+
+    report = import_checkpoint(args.format, args.checkpoint, args.out, arch=args.arch, input_size=args.input_size)
+    _print_summary(f"{args.format} checkpoint → {report.path}", vars(report))
+    return 0
+
+
 # --- recognition -------------------------------------------------------------------------------
 
 def _recognition_config(args: argparse.Namespace):
@@ -528,6 +536,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--gallery", type=int, default=48, help="test images in the quality gallery (default 48)")
     _add_common(report)
     report.set_defaults(func=cmd_report)
+
+    imp = commands.add_parser("import", help="convert another tool's checkpoint into a facekd model file",
+                              description="Formats: efficient-fiqa (Efficient-FIQA's released EdgeNeXt-XXS / "
+                                          "Swin-B .pt, recognised from its keys), timm (a timm backbone state "
+                                          "dict as the trunk of a quality model; needs --arch timm/<name>).")
+    imp.add_argument("format", choices=["efficient-fiqa", "timm"])
+    imp.add_argument("checkpoint", help=".pt/.pth (read with torch.load(weights_only=True)) or .safetensors")
+    imp.add_argument("--out", required=True, help="the facekd model file to write (.safetensors)")
+    imp.add_argument("--arch", help="timm: the timm model, e.g. timm/edgenext_xx_small")
+    imp.add_argument("--input-size", type=int, help="input side (default: the checkpoint's own, 352 / 448)")
+    _add_common(imp)
+    imp.set_defaults(func=cmd_import)
 
     export = commands.add_parser("export", help="export a model file to ONNX (checked against torch)")
     export.add_argument("model", help="model file (.safetensors)")

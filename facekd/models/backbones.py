@@ -143,15 +143,21 @@ class TimmTrunk(nn.Module):
             self.model = timm.create_model(name, pretrained=pretrained is True, **kwargs)
         except TypeError as error:
             raise ConfigError(f"timm/{name}: {error}") from None
-        if isinstance(pretrained, str):  # read here, safely: timm's own file loader unpickles freely
-            classifier = self.model.pretrained_cfg.get("classifier") or "head"
-            classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-            load_backbone_weights(self.model, read_state_dict(Path(pretrained).expanduser()), pretrained,
-                                  ignore_prefixes=tuple(c + "." for c in classifiers))
         used, self.out_channels, self.kind = _timm_probe(name)
-        for child, _ in list(self.model.named_children()):
-            if child not in used and (self.kind != "pooled" or child != "head"):
-                setattr(self.model, child, nn.Identity())
+        self.pruned = [child for child, _ in self.model.named_children()
+                       if child not in used and (self.kind != "pooled" or child != "head")]
+        for child in self.pruned:
+            setattr(self.model, child, nn.Identity())
+        if isinstance(pretrained, str):  # read here, safely: timm's own file loader unpickles freely
+            path = Path(pretrained).expanduser()
+            self.load_timm_state_dict(read_state_dict(path), path)
+
+    def load_timm_state_dict(self, state: dict[str, torch.Tensor], path: str | Path) -> None:
+        """Load a timm state dict of this model (strictly), leaving out its classifier and the
+        modules the trunk does not use."""
+        classifier = self.model.pretrained_cfg.get("classifier") or "head"
+        unused = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+        load_backbone_weights(self.model, state, path, ignore_prefixes=tuple(f"{c}." for c in (*unused, *self.pruned)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.model.forward_features(x)
