@@ -110,9 +110,39 @@ def _with_metadata(path, out, **changes):
 
 def test_weights_that_do_not_match_their_architecture(tmp_path, quality):
     path = save_model(quality, tmp_path / "q.safetensors")
-    bad = _with_metadata(path, tmp_path / "mismatch.safetensors", arch="edgenext_xxs")
-    with pytest.raises(DataError, match="do not match architecture 'edgenext_xxs'"):
+    bad = _with_metadata(path, tmp_path / "mismatch.safetensors", arch="timm/mobilenetv3_large_100")
+    with pytest.raises(DataError, match="do not match architecture 'timm/mobilenetv3_large_100'"):
         facekd.load(bad)
+
+
+def test_model_file_of_a_retired_architecture_is_refused_in_one_line(tmp_path, quality):
+    path = save_model(quality, tmp_path / "q.safetensors")
+    old = _with_metadata(path, tmp_path / "old.safetensors", arch="edgenext_xxs")
+    with pytest.raises(DataError) as info:
+        facekd.load(old)
+    message = str(info.value)
+    assert "old.safetensors" in message and "'edgenext_xxs'" in message and "retired" in message
+    assert "'timm/edgenext_xx_small'" in message and "\n" not in message
+
+
+def test_load_never_fetches_pretrained_weights(tmp_path, monkeypatch):
+    """A model trained from `pretrained: true` records it, and loading it needs no network."""
+    import timm.models._builder as timm_builder
+
+    model = build_model("timm/mobilenetv3_small_050", 64, load_pretrained=False, pretrained=True)
+    path = save_model(model.eval(), tmp_path / "pre.safetensors")
+    assert read_model_info(path).options["pretrained"] is True
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried to fetch pretrained weights")
+
+    monkeypatch.setattr(timm_builder, "load_pretrained", no_download)
+    monkeypatch.setattr(timm_builder, "load_custom_pretrained", no_download)
+    with pytest.raises(AssertionError, match="tried to fetch"):  # the guard is real
+        build_model("timm/mobilenetv3_small_050", 64, pretrained=True)
+    loaded = load_model(path)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor)
 
 
 def test_save_is_atomic(tmp_path, quality, monkeypatch):

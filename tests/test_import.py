@@ -1,10 +1,9 @@
 """`facekd import`: Efficient-FIQA's and timm's checkpoints, with parity against the reference code.
 
-The reference networks are built here the way Efficient-FIQA's `models/FIQA_model.py` builds
-them (timm `edgenext_xx_small` / torchvision `swin_*` with `head = Identity`, GAP for EdgeNeXt,
-two Linear layers), their random weights saved with `torch.save(model.state_dict())` as its
-training scripts save them, and scored as its `test.py` scores: PIL image → Resize(S) →
-CenterCrop(S) → ToTensor → Normalize(ImageNet) → model.
+The reference networks (tests/reference_efficient_fiqa.py) are built the way Efficient-FIQA's
+`models/FIQA_model.py` builds them, their random weights saved with
+`torch.save(model.state_dict())` as its training scripts save them, and scored as its `test.py`
+scores.
 """
 
 from __future__ import annotations
@@ -13,10 +12,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
-from torch import nn
-from torchvision import models as tv_models
-from torchvision import transforms
 
 import facekd
 from facekd.cli import main
@@ -24,76 +19,10 @@ from facekd.errors import ConfigError, DataError
 from facekd.io.images import write_image
 from facekd.models.artifact import read_model_info
 from facekd.models.importers import import_checkpoint
+from reference_efficient_fiqa import (ReferenceEdgeNeXt, ReferenceFIQASwin, ReferenceSwinIQA, randomised,
+                                      reference_scores)
 
 PARITY = 1e-4
-
-
-class ReferenceEdgeNeXt(nn.Module):
-    """FIQA_EdgeNeXt_XXS, as the reference builds it."""
-
-    def __init__(self):
-        super().__init__()
-        model = timm.create_model("edgenext_xx_small", pretrained=False)
-        model.head = nn.Identity()
-        self.feature_extraction = model
-        self.avg_pool = nn.AdaptiveAvgPool2d((1, 1))
-        self.quality = nn.Sequential(nn.Linear(168, 128), nn.Linear(128, 1))
-
-    def forward(self, x):
-        return self.quality(torch.flatten(self.avg_pool(self.feature_extraction(x)), 1))
-
-
-class ReferenceSwinIQA(nn.Module):
-    """Swin_b_IQA (torchvision swin with head = Identity + 1024→128→1), for any swin variant."""
-
-    def __init__(self, variant: str = "swin_b"):
-        super().__init__()
-        model = getattr(tv_models, variant)()
-        model.head = nn.Identity()
-        self.feature_extraction = model
-        width = model.norm.normalized_shape[0]
-        self.quality = nn.Sequential(nn.Linear(width, 128), nn.Linear(128, 1))
-
-    def forward(self, x):
-        return self.quality(self.feature_extraction(x))
-
-
-class ReferenceFIQASwin(nn.Module):
-    """FIQA_Swin_B: a Swin_b_IQA whose own head is an identity, wrapped with a new head."""
-
-    def __init__(self, variant: str = "swin_b"):
-        super().__init__()
-        inner = ReferenceSwinIQA(variant)
-        inner.quality = nn.Identity()
-        self.feature_extraction = inner
-        width = inner.feature_extraction.norm.normalized_shape[0]
-        self.quality = nn.Sequential(nn.Linear(width, 128), nn.Linear(128, 1))
-
-    def forward(self, x):
-        return self.quality(self.feature_extraction(x))
-
-
-def _reference_scores(model: nn.Module, paths, size: int) -> np.ndarray:
-    transform = transforms.Compose([
-        transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(),
-        transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
-    model.eval()
-    with torch.no_grad():
-        return np.array([model(transform(Image.open(p).convert("RGB")).unsqueeze(0)).item() for p in paths])
-
-
-def _randomised(model: nn.Module, seed: int) -> nn.Module:
-    """Random weights everywhere (norms and biases too), so no part of the network is left out."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if tensor.dtype.is_floating_point:
-                fan_in = int(np.prod(tensor.shape[1:])) if tensor.ndim > 1 else 0
-                scale = 1.0 / np.sqrt(fan_in) if fan_in else 0.1
-                base = 1.0 if tensor.ndim == 1 and name.endswith(("weight", ".gamma", "running_var")) else 0.0
-                noise = scale * torch.randn(tensor.shape, generator=generator)
-                tensor.copy_(base + (noise.abs() if name.endswith("running_var") else noise))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +45,7 @@ def _check_parity(reference: nn.Module, checkpoint, paths, size: int, tmp_path, 
     out = tmp_path / "imported.safetensors"
     report = import_checkpoint("efficient-fiqa", checkpoint, out)
     assert report.input_size == size and report.resize == "center_crop"
-    expected = _reference_scores(reference, paths, size)
+    expected = reference_scores(reference, paths, size)
     assert expected.std() > 1e-3  # the scores differ between images: a real comparison
     scores = facekd.load(out).score(paths)
     assert np.abs(scores - expected).max() <= PARITY
@@ -132,7 +61,7 @@ def _check_parity(reference: nn.Module, checkpoint, paths, size: int, tmp_path, 
 
 def test_efficient_fiqa_edgenext_student_parity_torch_and_onnx(images, tmp_path):
     torch.manual_seed(0)
-    reference = _randomised(ReferenceEdgeNeXt(), seed=1)
+    reference = randomised(ReferenceEdgeNeXt(), seed=1)
     checkpoint = tmp_path / "EdgeNeXt_XXS_checkpoint.pt"
     torch.save(reference.state_dict(), checkpoint)
     report = _check_parity(reference, checkpoint, images, 352, tmp_path)
@@ -147,7 +76,7 @@ def test_efficient_fiqa_swin_b_teacher_parity_torch(images, tmp_path):
     """The released teacher's network at its size (448); ONNX is checked on Swin-T below and on
     Swin-B by benchmarks/import_parity.py (a 350 MB graph is too slow for the test suite)."""
     torch.manual_seed(0)
-    reference = _randomised(ReferenceFIQASwin("swin_b"), seed=2)
+    reference = randomised(ReferenceFIQASwin("swin_b"), seed=2)
     checkpoint = tmp_path / "Swin_B_checkpoint.pt"
     torch.save(reference.state_dict(), checkpoint)
     report = _check_parity(reference, checkpoint, images[:2], 448, tmp_path, onnx=False)
@@ -157,13 +86,13 @@ def test_efficient_fiqa_swin_b_teacher_parity_torch(images, tmp_path):
 def test_efficient_fiqa_swin_iqa_layout_parity_torch_and_onnx(images, tmp_path):
     """Swin_b_IQA's layout (`feature_extraction.` once), on a Swin-T at 224 (`--input-size`)."""
     torch.manual_seed(0)
-    reference = _randomised(ReferenceSwinIQA("swin_t"), seed=3)
+    reference = randomised(ReferenceSwinIQA("swin_t"), seed=3)
     checkpoint = tmp_path / "swin_t_iqa.pth"
     torch.save(reference.state_dict(), checkpoint)
     out = tmp_path / "swin_t.safetensors"
     report = import_checkpoint("efficient-fiqa", checkpoint, out, input_size=224)
     assert report.arch == "torchvision/swin_t"
-    expected = _reference_scores(reference, images, 224)
+    expected = reference_scores(reference, images, 224)
     assert np.abs(facekd.load(out).score(images) - expected).max() <= PARITY
     from facekd.export import export_onnx
 
@@ -172,12 +101,12 @@ def test_efficient_fiqa_swin_iqa_layout_parity_torch_and_onnx(images, tmp_path):
 
 
 def test_dataparallel_prefix_is_accepted(tmp_path, images):
-    reference = _randomised(ReferenceEdgeNeXt(), seed=4)
+    reference = randomised(ReferenceEdgeNeXt(), seed=4)
     checkpoint = tmp_path / "dp.pt"
     torch.save({f"module.{k}": v for k, v in reference.state_dict().items()}, checkpoint)
     out = tmp_path / "dp.safetensors"
     import_checkpoint("efficient-fiqa", checkpoint, out)
-    assert np.abs(facekd.load(out).score(images[:2]) - _reference_scores(reference, images[:2], 352)).max() <= PARITY
+    assert np.abs(facekd.load(out).score(images[:2]) - reference_scores(reference, images[:2], 352)).max() <= PARITY
 
 
 class _Payload:
@@ -229,7 +158,7 @@ def test_wrong_or_missing_keys_name_the_first_few_and_write_nothing(tmp_path):
 
 
 def test_timm_state_dict_as_a_quality_trunk(tmp_path, images):
-    source = _randomised(timm.create_model("mobilenetv3_small_050"), seed=5)  # with its classifier
+    source = randomised(timm.create_model("mobilenetv3_small_050"), seed=5)  # with its classifier
     torch.save(source.state_dict(), tmp_path / "mbv3.pth")
     out = tmp_path / "mbv3.safetensors"
     assert main(["import", "timm", str(tmp_path / "mbv3.pth"), "--arch", "timm/mobilenetv3_small_050",
