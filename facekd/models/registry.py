@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from facekd.errors import ConfigError, FacekdError
-from facekd.io.images import Resize
+from facekd.io.images import RESIZE_MODES, Resize
 
 TASKS = ("recognition", "quality")
 
@@ -105,7 +105,7 @@ OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "blocks": lambda n, v: _int_list(n, v, length=4),
     "head_activation": _choice("gelu", "none"),
     "pretrained": _pretrained_value,
-    "resize": _choice("stretch", "center_crop"),
+    "resize": _choice(*RESIZE_MODES),
 }
 OPTION_HELP = {
     "embedding_size": "embedding dimension",
