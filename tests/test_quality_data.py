@@ -165,7 +165,7 @@ def test_augmentation_only_flips_and_shifts_without_resampling(data):
     s, n = 4, SIZE
     flips, shifts = 0, set()
     for index in range(len(dataset)):
-        original = dataset.images[index].astype(np.int16)
+        original = dataset.image(index).astype(np.int16)
         augmented = to_uint8(wrapped[index]["image"]).astype(np.int16)
         matches = []
         for flipped in (False, True):
@@ -188,7 +188,7 @@ def test_no_shift_means_flip_only(data):
     wrapped = _EpochDataset(dataset, 0, 0)
     for index in range(len(dataset)):
         augmented = to_uint8(wrapped[index]["image"])
-        image = dataset.images[index]
+        image = dataset.image(index)
         assert np.array_equal(augmented, image) or np.array_equal(augmented, image[:, ::-1])
 
 

@@ -30,7 +30,10 @@ def evaluate_model(model_path: str | Path, test_csv: str | Path, *, out: str | P
 
     model = _predictor(model_path, batch_size)
     rows = read_mos_csv(test_csv)
-    images, kept, errors = load_images([row.path for row in rows], model.input_size, progress=progress)
+    # a predictor's geometry where it has one (facekd.models' FaceModel.geometry), else its side length
+    geometry = getattr(model, "geometry", None) or getattr(getattr(model, "model", None), "geometry", None) \
+        or model.input_size
+    images, kept, errors = load_images([row.path for row in rows], geometry, progress=progress)
     if len(kept) < 3:
         raise DataError(test_csv, f"only {len(kept)} readable images; need at least 3 to correlate")
     scores = model.score(images)
@@ -55,7 +58,7 @@ def pseudo_label_files(model_path: str | Path, images: Sequence[str | Path], out
     model = load_model(model_path)
     scale, mos_range = ScaleMap("linear", (1.0, 0.0)), None  # raw scores unless a labeled set is given
     if labeled is not None:
-        dataset = QualityDataset(from_csv(labeled), model.input_size, model.normalization, train=False,
+        dataset = QualityDataset(from_csv(labeled), model.geometry, model.normalization, train=False,
                                  progress=progress)
         mos = np.asarray(dataset.mos, dtype=np.float64)
         scale = ScaleMap.fit(predict(model, dataset, batch_size=batch_size), mos)
