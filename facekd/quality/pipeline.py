@@ -206,7 +206,8 @@ class QualityPipeline:
         path = folder / MODEL_FILE
         save_model(model, path, training_config={"stage": name, "model": config_to_dict(choice),
                                                  "train": config_to_dict(train_cfg),
-                                                 "loss": config_to_dict(self.config.loss)},
+                                                 "loss": config_to_dict(self.config.loss),
+                                                 "train_transform": self.config.train_transform},
                    metrics=metrics)
         info = {"test": metrics, "train_images": len(dataset) - len(dataset.failures()), "skipped_images": errors,
                 "precision": result.precision, "steps": result.steps, "resumed_from_step": result.resumed_from_step}
