@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-steps", type=int, default=6, help="optimizer steps per memory measurement")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per throughput measurement")
     parser.add_argument("--log-every", type=int, default=6, help="steps per logged rate")
-    parser.add_argument("--repeats", type=int, default=3, help="throughput runs per mode (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="throughput runs per mode (median)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="threads of the dataset's construction pass (header check or decoding)")
