@@ -1,16 +1,18 @@
 from __future__ import annotations
 
 import math
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from facekd.engine.distributed import _EpochDataset
 from facekd.errors import ConfigError, DataError
 from facekd.io.formats import LabeledImage, read_mos_csv
-from facekd.io.images import read_image, resize_to
+from facekd.io.images import Resize, probe_image, read_image, resize_shorter_side, resize_to, write_image
 from facekd.models import QUALITY_NORMALIZATION
 from facekd.io.decode import load_images
 from facekd.quality.data import QualityDataset, QualitySample, concat_samples, from_csv, from_list
@@ -165,7 +167,7 @@ def test_augmentation_only_flips_and_shifts_without_resampling(data):
     s, n = 4, SIZE
     flips, shifts = 0, set()
     for index in range(len(dataset)):
-        original = dataset.images[index].astype(np.int16)
+        original = dataset.image(index).astype(np.int16)
         augmented = to_uint8(wrapped[index]["image"]).astype(np.int16)
         matches = []
         for flipped in (False, True):
@@ -188,7 +190,7 @@ def test_no_shift_means_flip_only(data):
     wrapped = _EpochDataset(dataset, 0, 0)
     for index in range(len(dataset)):
         augmented = to_uint8(wrapped[index]["image"])
-        image = dataset.images[index]
+        image = dataset.image(index)
         assert np.array_equal(augmented, image) or np.array_equal(augmented, image[:, ::-1])
 
 
@@ -209,3 +211,209 @@ def test_from_csv_reads_weights_and_concat_keeps_first_occurrence(data, tmp_path
         concat_samples(labeled, pseudo, duplicates="error")
     with pytest.raises(ConfigError):
         concat_samples(labeled, duplicates="last")
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def undecodable_png(path: Path, good: Path) -> Path:
+    """A PNG whose structure is intact (signature, IHDR, every chunk length, IEND) but whose
+    compressed pixel data is garbage: `probe_image` accepts it, `read_image` refuses it."""
+    data = bytearray(good.read_bytes())
+    pos = data.find(b"IDAT")
+    (length,) = struct.unpack(">I", data[pos - 4:pos])
+    for i in range(pos + 4 + 8, pos + 4 + length - 8):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def oblong(data, tmp_path_factory) -> list[QualitySample]:
+    """Non-square images (portrait and landscape), so shorter-side resizing and crops matter."""
+    folder = tmp_path_factory.mktemp("oblong")
+    samples = []
+    for i, sample in enumerate(from_csv(data / "labeled.csv")[:10]):
+        image = read_image(sample.path)
+        image = image[:, 5:55] if i % 2 else image[7:, :]  # 64x50 or 57x64
+        path = folder / f"{i:02d}.png"
+        write_image(path, np.ascontiguousarray(image))
+        samples.append(QualitySample(path, sample.mos))
+    return samples
+
+
+def loader_items(dataset, seed: int, epoch: int, workers: int, batch: int = 5) -> dict[str, torch.Tensor]:
+    """Every item of an epoch read as the trainer reads them: a DataLoader over _EpochDataset."""
+    loader = DataLoader(_EpochDataset(dataset, seed, epoch), batch_size=batch, num_workers=workers,
+                        shuffle=False)
+    batches = list(loader)
+    return {key: torch.cat([b[key] for b in batches]) for key in ("image", "mos", "weight", "index", "failed")}
+
+
+def test_probe_image_accepts_an_intact_structure_that_read_image_refuses(data, tmp_path):
+    good = from_csv(data / "test.csv")[0].path
+    bad = undecodable_png(tmp_path / "garbled.png", good)
+    assert probe_image(good) == ("PNG", SIZE, SIZE) and probe_image(bad) == ("PNG", SIZE, SIZE)
+    with pytest.raises(DataError, match="corrupt PNG"):
+        read_image(bad)
+    for name, path in bad_files(tmp_path / "bad", good).items():
+        with pytest.raises(DataError, match={"truncated": "truncated PNG", "text": "not a supported image",
+                                             "missing": "not found"}[name]):
+            probe_image(path)
+
+
+def test_training_streams_and_evaluation_caches_by_default(data):
+    samples = from_csv(data / "labeled.csv")
+    train = QualityDataset(samples, SIZE, QUALITY_NORMALIZATION, train=True, workers=0)
+    evaluation = QualityDataset(samples, SIZE, QUALITY_NORMALIZATION, workers=0)
+    assert (train.cache, train.images, train.memory_bytes) == (False, None, 0)
+    assert evaluation.cache and evaluation.memory_bytes == 24 * SIZE * SIZE * 3
+    with pytest.raises(ConfigError, match="cache"):
+        QualityDataset(samples, SIZE, QUALITY_NORMALIZATION, cache="yes")
+    with pytest.raises(ConfigError, match="transform"):
+        QualityDataset(samples, SIZE, QUALITY_NORMALIZATION, transform="random_erase")
+
+
+@pytest.mark.parametrize("geometry", [Resize(SIZE), Resize(48), Resize(40, "center_crop")], ids=repr)
+def test_streamed_evaluation_set_equals_the_cached_one(data, oblong, tmp_path, geometry):
+    bad = bad_files(tmp_path, oblong[0].path)
+    samples = [*oblong[:4], QualitySample(bad["truncated"], 1.0), *from_csv(data / "test.csv")[:3],
+               QualitySample(bad["missing"], 2.0), *oblong[4:]]
+    cached = QualityDataset(samples, geometry, QUALITY_NORMALIZATION, cache=True, workers=2)
+    streamed = QualityDataset(samples, geometry, QUALITY_NORMALIZATION, cache=False, workers=2)
+    assert streamed.images is None and cached.images.shape == (len(samples) - 2, geometry.size, geometry.size, 3)
+    assert streamed.samples == cached.samples and len(streamed) == len(samples) - 2
+    assert streamed.errors == cached.errors and [p for p, _ in streamed.errors] == [bad["truncated"], bad["missing"]]
+    for index in range(len(streamed)):
+        a, b = streamed[index], cached[index]
+        assert a.keys() == b.keys()
+        for key in ("image", "mos", "weight", "index", "failed"):
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), (index, key)
+        expected = geometry(read_image(samples[index if index < 4 else index + 1 if index < 7 else index + 2].path))
+        np.testing.assert_array_equal(streamed.image(index), expected)
+    for (x, ok_x), (y, ok_y) in zip(streamed.iter_batches(3, workers=2), cached.iter_batches(3)):
+        np.testing.assert_array_equal(x, y)
+        assert ok_x.all() and ok_y.all()
+
+
+@pytest.mark.parametrize("transform", ["flip_shift", "resize_random_crop"])
+def test_streamed_training_items_are_deterministic_and_the_same_with_workers(oblong, transform):
+    streamed = QualityDataset(oblong, 48, QUALITY_NORMALIZATION, train=True, transform=transform, workers=0)
+    cached = QualityDataset(oblong, 48, QUALITY_NORMALIZATION, train=True, transform=transform, cache=True,
+                            workers=0)
+    serial = loader_items(streamed, seed=5, epoch=2, workers=0)
+    parallel = loader_items(streamed, seed=5, epoch=2, workers=2)
+    again = loader_items(streamed, seed=5, epoch=2, workers=2, batch=3)
+    from_cache = loader_items(cached, seed=5, epoch=2, workers=0)
+    for key in serial:
+        assert torch.equal(serial[key], parallel[key]) and torch.equal(serial[key], again[key]), key
+        assert torch.equal(serial[key], from_cache[key]), key
+    assert serial["index"].tolist() == list(range(len(oblong))) and not serial["failed"].any()
+    other_epoch = loader_items(streamed, seed=5, epoch=3, workers=2)["image"]
+    other_seed = loader_items(streamed, seed=6, epoch=2, workers=0)["image"]
+    assert sum(not torch.equal(a, b) for a, b in zip(serial["image"], other_epoch)) >= len(oblong) // 2
+    assert sum(not torch.equal(a, b) for a, b in zip(serial["image"], other_seed)) >= len(oblong) // 2
+
+
+def test_resize_random_crop_is_a_crop_of_the_shorter_side_resize(oblong):
+    size, seed, epoch = 40, 11, 1
+    streamed = QualityDataset(oblong, size, QUALITY_NORMALIZATION, train=True, transform="resize_random_crop",
+                              workers=0)
+    cached = QualityDataset(oblong, size, QUALITY_NORMALIZATION, train=True, transform="resize_random_crop",
+                            cache=True, workers=2)
+    wrapped, wrapped_cached = _EpochDataset(streamed, seed, epoch), _EpochDataset(cached, seed, epoch)
+    offsets = set()
+    for index, sample in enumerate(oblong):
+        resized = resize_shorter_side(read_image(sample.path), size)
+        assert min(resized.shape[:2]) == size and max(resized.shape[:2]) > size
+        # the cache holds the shorter-side-resized image, not a square
+        np.testing.assert_array_equal(cached.images[index], resized)
+        rng = np.random.default_rng([seed, epoch, index])
+        top = int(rng.integers(0, resized.shape[0] - size + 1))
+        left = int(rng.integers(0, resized.shape[1] - size + 1))
+        expected = resized[top:top + size, left:left + size]
+        np.testing.assert_array_equal(to_uint8(wrapped[index]["image"]), expected)
+        assert torch.equal(wrapped[index]["image"], wrapped_cached[index]["image"])
+        offsets.add((top, left))
+        # un-augmented (prediction) input: Resize(S) + CenterCrop(S)
+        np.testing.assert_array_equal(streamed.image(index), Resize(size, "center_crop")(read_image(sample.path)))
+    assert len(offsets) > 3
+    assert cached.memory_bytes == sum(image.nbytes for image in cached.images)
+
+
+def test_a_header_check_reject_is_listed_at_construction_and_a_decode_failure_when_read(data, tmp_path):
+    samples = from_csv(data / "labeled.csv")[:8]
+    bad = bad_files(tmp_path, samples[0].path)
+    garbled = undecodable_png(tmp_path / "garbled.png", samples[1].path)
+    mixed = [*samples[:3], QualitySample(garbled, 4.0, 0.5), QualitySample(bad["truncated"], 1.0), *samples[3:]]
+    dataset = QualityDataset(mixed, SIZE, QUALITY_NORMALIZATION, train=True, workers=2)
+    assert len(dataset) == 9 and dataset.paths[3] == garbled  # passed the header check: still in the set
+    assert [p for p, _ in dataset.errors] == [bad["truncated"]] and "truncated PNG" in dataset.errors[0][1]
+    items = loader_items(dataset, seed=0, epoch=0, workers=2, batch=4)
+    assert items["failed"].tolist() == [i == 3 for i in range(9)]
+    assert items["weight"][3] == 0 and items["weight"][2] == 1 and not items["image"][3].any()
+    # a loader batch reports it; the dataset records it once, after the header-check rejects
+    for batch in DataLoader(_EpochDataset(dataset, 0, 0), batch_size=4, num_workers=2):
+        dataset.note_batch(batch)
+    assert [p for p, _ in dataset.errors] == [bad["truncated"], garbled]
+    assert "corrupt PNG" in dataset.errors[1][1] and dataset.failures() == [(3, dataset.errors[1][1])]
+    # an evaluation set that streams scores it NaN and records it too
+    from facekd.models import build_model
+    from facekd.quality.pseudo import predict
+
+    evaluation = QualityDataset(mixed, SIZE, QUALITY_NORMALIZATION, cache=False, workers=0)
+    assert [p for p, _ in evaluation.errors] == [bad["truncated"]]
+    net = build_model("mobilenetv3_small", input_size=SIZE, width_mult=0.5).eval()
+    scores = predict(net, evaluation, batch_size=4)
+    assert np.isnan(scores[3]) and np.isfinite(np.delete(scores, 3)).all()
+    assert [p for p, _ in evaluation.errors] == [bad["truncated"], garbled]
+    cached_scores = predict(net, QualityDataset([s for s in mixed if s.path != garbled], SIZE,
+                                                QUALITY_NORMALIZATION, workers=0), batch_size=4)
+    np.testing.assert_allclose(np.delete(scores, 3), cached_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_quality_loss_ignores_weight_zero_samples_in_every_term():
+    from facekd.losses.quality import QualityLoss
+
+    generator = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(9, generator=generator), torch.randn(9, generator=generator) * 5
+    weight = torch.rand(9, generator=generator) + 0.5
+    weight[[2, 6]] = 0
+    keep = weight > 0
+    loss = QualityLoss({"mse": 1.0, "l1": 0.5, "plcc": 1.0, "srcc": 0.5})
+    with_zeros, terms = loss.terms(pred, target, weight)
+    pred_junk = pred.clone()
+    pred_junk[[2, 6]] = torch.tensor([1e3, -1e3])  # whatever the model says about them
+    junk, _ = loss.terms(pred_junk, target, weight)
+    without, expected = loss.terms(pred[keep], target[keep], weight[keep])
+    assert torch.allclose(with_zeros, without, atol=1e-5) and torch.allclose(junk, without, atol=1e-5)
+    assert all(torch.allclose(terms[k], expected[k], atol=1e-5) for k in expected)
+
+
+def test_trainer_records_decode_failures_keeps_them_in_checkpoints_and_is_not_stopped(data, tmp_path):
+    from facekd.engine import Trainer, TrainConfig, load_checkpoint
+    from facekd.losses.quality import QualityLoss
+    from facekd.models import build_model
+
+    samples = from_csv(data / "labeled.csv")
+    garbled = undecodable_png(tmp_path / "garbled.png", samples[5].path)
+    mixed = [*samples[:5], QualitySample(garbled, samples[5].mos), *samples[6:]]
+
+    def fit(out: Path, workers: int, resume="auto", **extra):
+        torch.manual_seed(0)
+        net = build_model("mobilenetv3_small", input_size=SIZE, width_mult=0.5)
+        dataset = QualityDataset(mixed, SIZE, QUALITY_NORMALIZATION, train=True, workers=0)
+        config = TrainConfig(epochs=2, batch_size=8, accelerator="cpu", num_workers=workers, log_every_steps=1,
+                             **extra)
+        result = Trainer(config, out).fit(net, QualityLoss(), dataset, resume=resume)
+        return dataset, result, net
+
+    dataset, result, net = fit(tmp_path / "a", workers=2)
+    assert result.steps == 6 and all(math.isfinite(r["loss"]) for r in result.history if r["event"] == "train")
+    assert dataset.errors == [(garbled, dataset.errors[0][1])] and "corrupt PNG" in dataset.errors[0][1]
+    assert load_checkpoint(result.checkpoint)["ranks"][0]["failures"] == [(5, dataset.errors[0][1])]
+    # the same run without workers gives the same weights; a resumed run restores the record
+    serial, _, serial_net = fit(tmp_path / "b", workers=0)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), serial_net.state_dict().values()))
+    resumed, again, _ = fit(tmp_path / "a", workers=0, resume=True)
+    assert again.resumed_from_step == 6 and resumed.errors == dataset.errors

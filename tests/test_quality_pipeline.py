@@ -167,3 +167,28 @@ def test_a_stage_killed_mid_training_resumes_to_the_same_result(quality_data, tm
     for model in ("T0", "T1", "S", "control"):
         assert resumed["models"][model]["srcc"] == reference["models"][model]["srcc"]
         assert resumed["models"][model]["rmse"] == reference["models"][model]["rmse"]
+
+
+def test_train_transform_and_cache_settings(quality_data, tmp_path):
+    overrides = data_overrides(quality_data / "data")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY + "train_transform: random_crop\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(bad, QualityRunConfig, overrides=overrides)
+    assert str(error.value) == (f"{bad}: train_transform: expected one of 'flip_shift', 'resize_random_crop', "
+                                "got 'random_crop' (did you mean 'resize_random_crop'?)")
+    bad.write_text(TINY + "train_cache: sometimes\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: train_cache: expected bool"):
+        load_config(bad, QualityRunConfig, overrides=overrides)
+    # Efficient-FIQA's transform trains, and a streamed training set trains exactly as the cached one
+    reports = {}
+    for cache in ("false", "true"):
+        config = load_config(quality_data / "tiny.yaml", QualityRunConfig, overrides=overrides + [
+            "train_transform=resize_random_crop", f"train_cache={cache}", "teacher_train.num_workers=2"])
+        assert config.train_transform == "resize_random_crop" and config.train_cache == (cache == "true")
+        reports[cache] = QualityPipeline(config, tmp_path / cache).train_single("teacher")
+    assert reports["false"]["models"]["teacher"]["srcc"] == reports["true"]["models"]["teacher"]["srcc"]
+    assert reports["false"]["models"]["teacher"]["rmse"] == reports["true"]["models"]["teacher"]["rmse"]
+    assert reports["false"]["stages"]["teacher"]["train_images"] == 40
+    default = _config(quality_data)
+    assert (default.train_transform, default.train_cache) == ("flip_shift", False)

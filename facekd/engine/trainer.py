@@ -16,6 +16,12 @@ Conventions for what a stage passes in:
 - `train_dataset` is a map-style dataset returning tensors or tuples/dicts of tensors. Random
   augmentation should draw from `facekd.engine.sample_rng(index)`: it is then reproducible
   whatever `num_workers` and across a resume.
+- A dataset may report items it could not load (e.g. a streamed image that fails to decode
+  in a worker; the item itself must keep the loss unaffected, e.g. weight 0): with a
+  `note_batch(batch)` method it is handed every batch this rank loads, in the training
+  process, before the forward; with `failures()` (a picklable list) and `add_failures(list)`
+  the lists of every rank are kept in the checkpoints, restored on resume, and merged into
+  every rank's dataset at the end of `fit`.
 - `evaluate(model) -> dict[str, float]` runs on rank 0 only, in eval mode, under
   `torch.no_grad()`, in full precision, with the model on the training device, and without
   disturbing the training RNG streams; its result is broadcast so every rank returns the same.
@@ -484,6 +490,10 @@ class _Run:
         self.last_eval: dict[str, Any] | None = None
         self.window = _LogWindow()
         self.shown: dict[str, float] = {}
+        note = getattr(dataset, "note_batch", None)
+        self._note_batch = note if callable(note) else None
+        tracks = callable(getattr(dataset, "failures", None)) and callable(getattr(dataset, "add_failures", None))
+        self._tracks_failures = tracks
 
     # --------------------------------------------------------------------- setup
 
@@ -526,6 +536,9 @@ class _Run:
             self._run_evaluation()
         if self.ema is not None:
             self.model.load_state_dict(self.ema.module.state_dict())
+        if self._tracks_failures:  # every rank's dataset learns what the others could not load
+            for failures in gather_objects(list(self.dataset.failures())):
+                self.dataset.add_failures(failures)
         self.stage.eval()
         history = self._read_history() if self.is_main else []
         return TrainResult(metrics=dict(self.last_eval["metrics"]) if self.last_eval else {}, history=history,
@@ -540,6 +553,8 @@ class _Run:
             if self.position:
                 bar.advance(self.position)
             for i, batch in enumerate(loader):
+                if self._note_batch is not None:
+                    self._note_batch(batch)
                 last_micro = (i + 1) % accum == 0
                 with self.fabric.no_backward_sync(self.wrapped, enabled=not last_micro):
                     loss, metrics = self._forward(batch)
@@ -656,7 +671,10 @@ class _Run:
             raise FacekdError(f"training diverged: non-finite weights at step {self.step}; the last good "
                               f"checkpoint {self.t.checkpoint_path} is kept (lower the learning rate or "
                               f"enable clip_grad_norm)")
-        per_rank = gather_objects({"rng": rng_state(), "window": self.window.state()})
+        mine = {"rng": rng_state(), "window": self.window.state()}
+        if self._tracks_failures:
+            mine["failures"] = list(self.dataset.failures())
+        per_rank = gather_objects(mine)
         if not self.is_main:
             return
         metrics = self.t.metrics_path
@@ -713,6 +731,9 @@ class _Run:
         if state.get("precision"):  # the gradient scaler of '16-mixed'
             self.fabric.strategy.precision.load_state_dict(state["precision"])
         mine = state["ranks"][self.rank]
+        if self._tracks_failures:
+            for saved in state["ranks"]:
+                self.dataset.add_failures(saved.get("failures", []))
         set_rng_state(mine["rng"])
         self.window.load(mine["window"], self.fabric.device)
         self.step, self.epoch, self.position = int(state["step"]), int(state["epoch"]), int(state["position"])

@@ -29,6 +29,7 @@ __all__ = [
     "WRITABLE_EXTENSIONS",
     "decode_image",
     "encode_image",
+    "probe_image",
     "read_image",
     "resize_shorter_side",
     "resize_to",
@@ -94,6 +95,21 @@ def decode_image(data: bytes, source: str = "<bytes>", max_pixels: int | None = 
 def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
     """Read and decode an image file to RGB uint8 HxWx3 (see decode_image)."""
     return decode_image(_read_bytes(path), str(path), max_pixels)
+
+
+def probe_image(path: str | os.PathLike, max_pixels: int | None = None) -> tuple[str, int, int]:
+    """(format, width, height) of an image file from its header, without decoding pixels.
+
+    Makes every check of `read_image` short of decoding: the file exists and is readable, its
+    signature is recognised, its structure is complete (not truncated) and its size is within
+    `max_pixels`. Raises DataError(path, reason) otherwise. A file that passes can still fail to
+    decode (corrupt compressed data behind an intact structure)."""
+    data = _read_bytes(path)
+    if not data:
+        raise DataError(str(path), "empty file")
+    header = _read_header(data, str(path))
+    _check_dimensions(header, str(path), MAX_PIXELS if max_pixels is None else max_pixels)
+    return header.format, header.width, header.height
 
 
 def _read_bytes(path: str | os.PathLike) -> bytes:

@@ -77,6 +77,9 @@ class QualityRunConfig:
     data: Optional[QualityData] = None
     control: bool = True
     eval_batch_size: int = 64
+    # "flip_shift": flip + shift of up to 4 px; "resize_random_crop": Efficient-FIQA's Resize(S) + RandomCrop(S)
+    train_transform: Literal["flip_shift", "resize_random_crop"] = "flip_shift"
+    train_cache: bool = False  # hold the decoded training set in memory (once per rank) instead of streaming it
 
     def validate(self) -> None:
         if self.eval_batch_size < 1:

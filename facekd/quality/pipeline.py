@@ -117,7 +117,7 @@ class QualityPipeline:
             settings["pseudo"] = config_to_dict(cfg.pseudo)
         else:
             settings.update(model=config_to_dict(model), train=config_to_dict(train), loss=config_to_dict(cfg.loss),
-                            eval_batch_size=cfg.eval_batch_size)
+                            eval_batch_size=cfg.eval_batch_size, train_transform=cfg.train_transform)
         settings["upstream"] = {dep: self.results[dep].output_digest for dep in _DEPENDS[name]}
         return _digest(settings)
 
@@ -159,10 +159,10 @@ class QualityPipeline:
     def _test_set(self, model):
         from facekd.quality.data import QualityDataset, from_csv
 
-        key = (model.input_size, json.dumps(model.normalization, sort_keys=True))
-        if key not in self._test_cache:
-            dataset = QualityDataset(from_csv(self.config.data.test), model.input_size, model.normalization,
-                                     train=False, progress=self.progress)
+        key = (model.geometry, json.dumps(model.normalization, sort_keys=True))
+        if key not in self._test_cache:  # decoded once per geometry and normalisation, scored every evaluation
+            dataset = QualityDataset(from_csv(self.config.data.test), model.geometry, model.normalization,
+                                     train=False, cache=True, progress=self.progress)
             mos = np.asarray(dataset.mos, dtype=np.float64)
             self._test_cache[key] = (dataset, mos)
         return self._test_cache[key]
@@ -189,22 +189,27 @@ class QualityPipeline:
         except FacekdError as error:
             raise ConfigError(f"{'teacher' if teacher else 'student'}: {error}") from None
         samples = self._samples(pseudo)
-        dataset = QualityDataset(samples, model.input_size, model.normalization, train=True, progress=self.progress)
+        dataset = QualityDataset(samples, model.geometry, model.normalization, train=True,
+                                 cache=self.config.train_cache, transform=self.config.train_transform,
+                                 progress=self.progress)
         _start_at(model, float(np.average(dataset.mos, weights=dataset.weights)))
-        errors = [{"path": str(p), "reason": r} for p, r in getattr(dataset, "errors", [])]
         folder = folder or self.out / name
         result = Trainer(train_cfg, folder / "train", progress=self.progress,
                          extra_config={"stage": name, "model": config_to_dict(choice), "data": self.data_digest,
-                                       "pseudo": [self.results[p].output_digest for p in pseudo]}).fit(
+                                       "pseudo": [self.results[p].output_digest for p in pseudo],
+                                       "train_transform": self.config.train_transform}).fit(
             model, QualityLoss(weights=self.config.loss.as_dict(), plcc_form=self.config.loss.plcc_form), dataset,
             evaluate=self._evaluate)
         metrics = result.metrics  # the trainer always evaluates the final weights
+        # after training: the header check's rejects, then the images that failed to decode when read
+        errors = [{"path": str(p), "reason": r} for p, r in dataset.errors]
         path = folder / MODEL_FILE
         save_model(model, path, training_config={"stage": name, "model": config_to_dict(choice),
                                                  "train": config_to_dict(train_cfg),
-                                                 "loss": config_to_dict(self.config.loss)},
+                                                 "loss": config_to_dict(self.config.loss),
+                                                 "train_transform": self.config.train_transform},
                    metrics=metrics)
-        info = {"test": metrics, "train_images": len(dataset), "skipped_images": errors,
+        info = {"test": metrics, "train_images": len(dataset) - len(dataset.failures()), "skipped_images": errors,
                 "precision": result.precision, "steps": result.steps, "resumed_from_step": result.resumed_from_step}
         return {"model": str(path.relative_to(self.out))}, info
 
@@ -215,8 +220,8 @@ class QualityPipeline:
         from facekd.quality.pseudo import predict, pseudo_label, write_pseudo_labels
 
         teacher = load_model(self.out / self.results[teacher_stage].outputs["model"])
-        labeled = QualityDataset(from_csv(self.config.data.labeled), teacher.input_size, teacher.normalization,
-                                 train=False, progress=self.progress)
+        labeled = QualityDataset(from_csv(self.config.data.labeled), teacher.geometry, teacher.normalization,
+                                 train=False, cache=True, progress=self.progress)
         labeled_mos = np.asarray(labeled.mos, dtype=np.float64)
         raw = predict(teacher, labeled, batch_size=self.config.pseudo.batch_size)
         scale = ScaleMap.fit(raw, labeled_mos)

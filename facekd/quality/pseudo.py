@@ -25,7 +25,7 @@ from facekd.errors import ConfigError, DataError, FacekdError
 from facekd.io.formats import resolve_inputs, write_mos_csv
 from facekd.io.decode import check_batch_size
 from facekd.progress import Progress
-from facekd.io.decode import ImageError, load_images
+from facekd.io.decode import ImageError, decode_batches
 from facekd.quality.data import QualityDataset, QualitySample
 
 __all__ = ["MIN_WEIGHT", "flip_confidence", "predict", "pseudo_label", "write_pseudo_labels"]
@@ -37,30 +37,39 @@ MIN_WEIGHT = 1e-6
 def predict(model, images: np.ndarray | QualityDataset, batch_size: int = 64,
             progress: Progress | None = None, flip: bool = False) -> np.ndarray:
     """Raw outputs of a quality `FaceModel` on uint8 RGB images (N, H, W, 3) at its input size,
-    or on the (un-augmented) images of a `QualityDataset`.
+    or on the (un-augmented) images of a `QualityDataset` (decoded batch by batch when it
+    streams; an image that fails to decode then scores NaN and is added to its `.errors`).
 
     Returns float32 (N,), or (N, 2) with `flip=True`: column 0 the original images, column 1
     their horizontal mirrors. Runs in eval mode under `torch.inference_mode()` on the model's
     device and restores the model's training mode afterwards."""
     batch_size = check_batch_size(batch_size)
     progress = progress or Progress()
-    array = images.images if isinstance(images, QualityDataset) else images
-    if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.ndim != 4 or array.shape[3] != 3:
-        shape = getattr(array, "shape", type(array).__name__)
-        dtype = getattr(array, "dtype", "")
-        raise ConfigError(f"predict expects uint8 RGB images of shape (N, H, W, 3), got {dtype} {shape}")
     size = int(model.input_size)
-    if array.shape[1:3] != (size, size):
-        raise ConfigError(f"images are {array.shape[2]}x{array.shape[1]} but the model takes {size}x{size}; "
-                          "load them at the model's input size")
-    count = len(array)
+    if isinstance(images, QualityDataset):
+        if images.input_size != size:
+            raise ConfigError(f"the dataset's images are {images.input_size}x{images.input_size} but the model "
+                              f"takes {size}x{size}; load them at the model's geometry")
+        count, batches = len(images), images.iter_batches(batch_size)
+    else:
+        array = images
+        if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.ndim != 4 or array.shape[3] != 3:
+            shape = getattr(array, "shape", type(array).__name__)
+            dtype = getattr(array, "dtype", "")
+            raise ConfigError(f"predict expects uint8 RGB images of shape (N, H, W, 3), got {dtype} {shape}")
+        if array.shape[1:3] != (size, size):
+            raise ConfigError(f"images are {array.shape[2]}x{array.shape[1]} but the model takes {size}x{size}; "
+                              "load them at the model's input size")
+        count = len(array)
+        batches = ((array[start:start + batch_size], None) for start in range(0, count, batch_size))
     out = np.empty((count, 2) if flip else (count,), dtype=np.float32)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode(), progress.task("predicting", count) as bar:
-            for start in range(0, count, batch_size):
-                batch = model.normalize(array[start:start + batch_size])
+            start = 0
+            for chunk, ok in batches:
+                batch = model.normalize(chunk)
                 out_slice = slice(start, start + len(batch))
                 scores = _scores(model(batch), len(batch))
                 if flip:
@@ -68,6 +77,9 @@ def predict(model, images: np.ndarray | QualityDataset, batch_size: int = 64,
                     out[out_slice, 1] = _scores(model(torch.flip(batch, dims=[3])), len(batch))
                 else:
                     out[out_slice] = scores
+                if ok is not None and not ok.all():
+                    out[start:start + len(batch)][~ok] = np.nan
+                start += len(batch)
                 bar.advance(len(batch))
     finally:
         model.train(was_training)
@@ -104,7 +116,8 @@ def pseudo_label(model, paths: Sequence[str | os.PathLike], scale_map, *, batch_
     """Label unlabeled images with a teacher: `(samples, errors)`.
 
     `paths`: image files, folders or image lists (as `resolve_inputs`, missing files reported,
-    not refused). Each label is `scale_map.apply(raw prediction)`, clipped to `mos_range`
+    not refused), decoded at the model's geometry a batch at a time (memory O(batch_size), not
+    O(len(paths))). Each label is `scale_map.apply(raw prediction)`, clipped to `mos_range`
     (pass the labeled set's (min, max) MOS; None: no clipping). `confidence="flip"` sets
     weights as described in the module doc, "none" gives 1.0. Unreadable images are skipped
     and returned in `errors` as (path, reason); if no image is readable, DataError."""
@@ -115,11 +128,31 @@ def pseudo_label(model, paths: Sequence[str | os.PathLike], scale_map, *, batch_
         if not (math.isfinite(low) and math.isfinite(high) and low <= high):
             raise ConfigError(f"mos_range must be two finite numbers (low <= high), got {mos_range!r}")
     files = resolve_inputs(list(paths), check_files=False)
-    images, kept, errors = load_images(files, int(model.input_size), progress, workers)
-    if len(kept) == 0:
+    progress = progress or Progress()
+    kept_paths: list[Path] = []
+    errors: list[ImageError] = []
+    parts: list[np.ndarray] = []
+    pending: list[np.ndarray] = []  # decoded images not yet scored: fewer than 2 batches
+
+    def score(count: int) -> None:
+        chunk = np.concatenate(pending)
+        parts.append(predict(model, chunk[:count], batch_size, flip=confidence == "flip"))
+        pending[:] = [chunk[count:]] if count < len(chunk) else []
+
+    with progress.task("pseudo-labelling", len(files), unit="img") as bar:  # O(batch) images in memory
+        for batch in decode_batches(files, model.geometry, batch_size, workers):
+            errors.extend(batch.errors)
+            kept_paths.extend(batch.paths)
+            pending.append(batch.images)
+            if sum(len(p) for p in pending) >= batch_size:  # the model sees full batches of readable images
+                score(batch_size)
+            bar.advance(batch.size)
+        if pending and sum(len(p) for p in pending):
+            score(sum(len(p) for p in pending))
+    if not kept_paths:
         raise DataError(files[0] if len(files) == 1 else "unlabeled images",
                         f"none of the {len(files)} images could be read (first: {errors[0][0]}: {errors[0][1]})")
-    raw = predict(model, images, batch_size, progress, flip=confidence == "flip")
+    raw = np.concatenate(parts)
     labels = np.asarray(scale_map.apply(raw[:, 0] if raw.ndim == 2 else raw), dtype=np.float64).reshape(-1)
     if confidence == "flip":
         flipped = np.asarray(scale_map.apply(raw[:, 1]), dtype=np.float64).reshape(-1)
@@ -133,8 +166,7 @@ def pseudo_label(model, paths: Sequence[str | os.PathLike], scale_map, *, batch_
         labels = np.clip(labels, low, high)
     samples: list[QualitySample] = []
     errors = list(errors)
-    for row, index in enumerate(kept):
-        path = files[int(index)]
+    for row, path in enumerate(kept_paths):
         if not finite[row]:
             errors.append((path, "the teacher's prediction is not a finite number"))
             continue
