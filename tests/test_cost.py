@@ -163,3 +163,28 @@ def test_format_cost_table():
     text = console.export_text()
     assert "mobilefacenet" in text and "timm/mobilenetv3_small_100" in text
     assert f"{rows[0]['params'] / 1e6:.3f}" in text and "–" in text
+
+
+def test_paper_config_is_the_efficient_fiqa_setting():
+    """configs/quality/paper.yaml: Swin-B teacher at 448, EdgeNeXt-XXS student at 352, both from
+    ImageNet weights, the seed's optimiser, schedule, loss and transforms."""
+    from facekd.config import load_config
+    from facekd.demo import CONFIGS
+    from facekd.quality.config import QualityRunConfig
+
+    cfg = load_config(CONFIGS / "quality" / "paper.yaml", QualityRunConfig)
+    assert (cfg.teacher.arch, cfg.teacher.input_size) == ("torchvision/swin_b", 448)
+    assert (cfg.student.arch, cfg.student.input_size) == ("timm/edgenext_xx_small", 352)
+    for choice in (cfg.teacher, cfg.student):
+        assert choice.options["pretrained"] is True and choice.options["resize"] == "center_crop"
+    for train in (cfg.teacher_train, cfg.student_train):
+        assert (train.optimizer, train.lr, train.weight_decay, train.epochs, train.batch_size) == \
+            ("adamw", 1e-4, 1e-6, 30, 32)
+        assert (train.schedule, train.milestones, train.gamma) == ("steps", [10, 20], 0.1)
+    assert cfg.train_transform == "resize_random_crop"
+    assert (cfg.loss.mse, cfg.loss.plcc, cfg.loss.plcc_form) == (1.0, 1.0, "reference")
+    with torch.device("meta"):
+        student = build_model(cfg.student.arch, cfg.student.input_size, load_pretrained=False, **cfg.student.options)
+        teacher = build_model(cfg.teacher.arch, cfg.teacher.input_size, load_pretrained=False, **cfg.teacher.options)
+    assert count_params(student) == 1_179_641 and round(count_flops(student, 352) / 1e9, 3) == 0.495
+    assert teacher.backbone.out_channels == 1024 and 86.8e6 < count_params(teacher) < 87.0e6

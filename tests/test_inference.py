@@ -117,10 +117,10 @@ def test_decode_batches_matches_load_images(faces, tmp_path, workers):
 def test_decode_batches_decodes_a_bounded_number_ahead(monkeypatch, workers, ahead):
     decoded, lock = [], threading.Lock()
 
-    def counting_load(path, size):
+    def counting_load(path, geometry):
         with lock:
             decoded.append(path)
-        return np.zeros((size, size, 3), np.uint8)
+        return np.zeros((geometry.size, geometry.size, 3), np.uint8)
 
     monkeypatch.setattr(decode, "load_one", counting_load)
     paths = [Path(f"/nowhere/{i}.png") for i in range(60)]
@@ -387,6 +387,7 @@ class FlakyEmbedder:
     def __init__(self, embedder, fail_on=None):
         self.embedder, self.fail_on, self.images, self.calls = embedder, fail_on, 0, 0
         self.input_size, self.embedding_size = embedder.input_size, embedder.embedding_size
+        self.geometry = embedder.geometry
 
     def infer(self, batch, flip=False):
         self.calls += 1

@@ -363,7 +363,7 @@ def test_a_header_check_reject_is_listed_at_construction_and_a_decode_failure_wh
 
     evaluation = QualityDataset(mixed, SIZE, QUALITY_NORMALIZATION, cache=False, workers=0)
     assert [p for p, _ in evaluation.errors] == [bad["truncated"]]
-    net = build_model("mobilenetv3_small", input_size=SIZE, width_mult=0.5).eval()
+    net = build_model("timm/mobilenetv3_small_050", input_size=SIZE).eval()
     scores = predict(net, evaluation, batch_size=4)
     assert np.isnan(scores[3]) and np.isfinite(np.delete(scores, 3)).all()
     assert [p for p, _ in evaluation.errors] == [bad["truncated"], garbled]
@@ -401,7 +401,7 @@ def test_trainer_records_decode_failures_keeps_them_in_checkpoints_and_is_not_st
 
     def fit(out: Path, workers: int, resume="auto", **extra):
         torch.manual_seed(0)
-        net = build_model("mobilenetv3_small", input_size=SIZE, width_mult=0.5)
+        net = build_model("timm/mobilenetv3_small_050", input_size=SIZE)
         dataset = QualityDataset(mixed, SIZE, QUALITY_NORMALIZATION, train=True, workers=0)
         config = TrainConfig(epochs=2, batch_size=8, accelerator="cpu", num_workers=workers, log_every_steps=1,
                              **extra)

@@ -192,3 +192,34 @@ def test_train_transform_and_cache_settings(quality_data, tmp_path):
     assert reports["false"]["stages"]["teacher"]["train_images"] == 40
     default = _config(quality_data)
     assert (default.train_transform, default.train_cache) == ("flip_shift", False)
+
+
+def test_a_stage_can_start_from_a_model_file(quality_data, tmp_path):
+    """`student.init`: the weights of a facekd model file (e.g. from `facekd import`) to start from."""
+    import torch
+
+    from facekd.models import build_model
+    from facekd.models.artifact import load_model, save_model
+
+    torch.manual_seed(42)
+    start = build_model("timm/mobilenetv3_small_100", 64)
+    save_model(start, tmp_path / "start.safetensors")
+    overrides = data_overrides(quality_data / "data") + [
+        f"teacher.init={tmp_path / 'start.safetensors'}", "teacher_train.lr=1e-9", "teacher_train.weight_decay=0"]
+    config = load_config(quality_data / "tiny.yaml", QualityRunConfig, overrides=overrides)
+    QualityPipeline(config, tmp_path / "run").train_single("teacher")
+    trained = load_model(tmp_path / "run" / "model.safetensors")
+    first = "backbone.model.conv_stem.weight"
+    assert torch.allclose(trained.state_dict()[first], start.state_dict()[first], atol=1e-6)
+    assert torch.equal(trained.state_dict()["head.mlp.3.bias"].round(decimals=5),
+                       start.state_dict()["head.mlp.3.bias"].round(decimals=5))  # not reset to the mean MOS
+    save_model(build_model("timm/mobilenetv3_small_050", 64), tmp_path / "other.safetensors")
+    wrong = load_config(quality_data / "tiny.yaml", QualityRunConfig, overrides=data_overrides(quality_data / "data")
+                        + [f"teacher.init={tmp_path / 'other.safetensors'}"])
+    with pytest.raises(ConfigError, match=r"teacher\.init: .*other\.safetensors holds timm/mobilenetv3_small_050, "
+                                          r"not the configured timm/mobilenetv3_small_100"):
+        QualityPipeline(wrong, tmp_path / "wrong").train_single("teacher")
+    missing = tmp_path / "bad.yaml"
+    missing.write_text(TINY.replace("input_size: 64}", "input_size: 64, init: absent.safetensors}", 1))
+    with pytest.raises(ConfigError, match=r"bad\.yaml: teacher\.init: file not found"):
+        load_config(missing, QualityRunConfig, overrides=data_overrides(quality_data / "data"))

@@ -15,7 +15,7 @@ import torch
 import facekd
 from facekd.errors import ConfigError, DataError
 from facekd.io.formats import read_image_list, read_mos_csv
-from facekd.io.images import read_image
+from facekd.io.images import Resize, read_image
 from facekd.models import build_model
 from facekd.models.artifact import save_model
 from facekd.quality.data import QualityDataset, from_csv, from_list
@@ -254,7 +254,7 @@ class FlakyScorer:
 
     def __init__(self, scorer, fail_on: int | None = None):
         self.scorer, self.fail_on = scorer, fail_on
-        self.input_size = scorer.input_size
+        self.input_size, self.geometry = scorer.input_size, scorer.geometry
         self.calls, self.images = 0, 0
 
     def infer(self, batch, flip=False):
@@ -366,6 +366,7 @@ class NanForBrightImages:
     """A scorer that returns NaN for images brighter than a threshold (a broken model)."""
 
     input_size = SIZE
+    geometry = Resize(SIZE)
     task = "quality"
 
     def __init__(self, threshold: float):

@@ -26,11 +26,13 @@ class QualityData:
 
 @dataclass
 class ModelChoice:
-    """An architecture of `facekd models`, its input size (None: the architecture's) and options."""
+    """An architecture of `facekd models`, its input size (None: the architecture's) and options;
+    `init`: a facekd model file of the same network (e.g. from `facekd import`) to start from."""
 
     arch: str
     input_size: Optional[int] = None
     options: dict[str, Any] = field(default_factory=dict)
+    init: Optional[ExistingPath] = None
 
 
 @dataclass

@@ -19,16 +19,6 @@ def _predictor(model_path: str | Path, batch_size: int):
     return facekd.load(model_path, batch_size=batch_size)
 
 
-def _geometry(predictor):
-    """The predictor's input geometry: its own `.geometry`, else its torch model's
-    (`FaceModel.geometry`), else its side length (stretched to S×S)."""
-    for holder in (predictor, getattr(predictor, "model", None)):
-        geometry = getattr(holder, "geometry", None)
-        if geometry is not None:
-            return geometry
-    return predictor.input_size
-
-
 def evaluate_model(model_path: str | Path, test_csv: str | Path, *, out: str | Path | None = None,
                    batch_size: int = 64, progress: Progress | None = None) -> dict[str, Any]:
     """SRCC, PLCC (raw and logistic-fitted), KRCC, RMSE and (SRCC+PLCC)/2 of a model on a MOS CSV.
@@ -40,7 +30,7 @@ def evaluate_model(model_path: str | Path, test_csv: str | Path, *, out: str | P
 
     model = _predictor(model_path, batch_size)
     rows = read_mos_csv(test_csv)
-    images, kept, errors = load_images([row.path for row in rows], _geometry(model), progress=progress)
+    images, kept, errors = load_images([row.path for row in rows], model.geometry, progress=progress)
     if len(kept) < 3:
         raise DataError(test_csv, f"only {len(kept)} readable images; need at least 3 to correlate")
     scores = model.score(images)

@@ -184,18 +184,24 @@ class QualityPipeline:
 
         train_cfg = self.config.teacher_train if teacher else self.config.student_train
         seed_everything(derive_seed(train_cfg.seed, STAGES.index(name) if name in STAGES else len(STAGES)))
+        role = "teacher" if teacher else "student"
         try:  # initial weights: a function of (seed, stage) alone, whatever ran before in this process
             model = build_model(choice.arch, input_size=choice.input_size, **choice.options)
         except FacekdError as error:
-            raise ConfigError(f"{'teacher' if teacher else 'student'}: {error}") from None
+            raise ConfigError(f"{role}: {error}") from None
+        if choice.init is not None:
+            _initialise_from(model, choice.init, role)
         samples = self._samples(pseudo)
         dataset = QualityDataset(samples, model.geometry, model.normalization, train=True,
                                  cache=self.config.train_cache, transform=self.config.train_transform,
                                  progress=self.progress)
-        _start_at(model, float(np.average(dataset.mos, weights=dataset.weights)))
+        if choice.init is None:
+            _start_at(model, float(np.average(dataset.mos, weights=dataset.weights)))
         folder = folder or self.out / name
+        init_digest = None if choice.init is None else file_digest(choice.init)
         result = Trainer(train_cfg, folder / "train", progress=self.progress,
-                         extra_config={"stage": name, "model": config_to_dict(choice), "data": self.data_digest,
+                         extra_config={"stage": name, "model": config_to_dict(choice), "init": init_digest,
+                                       "data": self.data_digest,
                                        "pseudo": [self.results[p].output_digest for p in pseudo],
                                        "train_transform": self.config.train_transform}).fit(
             model, QualityLoss(weights=self.config.loss.as_dict(), plcc_form=self.config.loss.plcc_form), dataset,
@@ -267,6 +273,21 @@ class QualityPipeline:
                        for name, r in self.results.items()},
             "config": config_to_dict(self.config),
         }
+
+
+def _initialise_from(model, path: Path, role: str) -> None:
+    """Start `model` from the weights of the facekd model file `path` (same network)."""
+    from facekd.models.artifact import load_model
+
+    source = load_model(path)
+    if source.arch != model.arch:
+        raise ConfigError(f"{role}.init: {path} holds {source.arch}, not the configured {model.arch}")
+    try:
+        model.load_state_dict(source.state_dict(), strict=True)
+    except RuntimeError as error:
+        first = " ".join(str(error).splitlines()[:2])
+        raise ConfigError(f"{role}.init: {path} does not fit the configured {model.arch} at {model.input_size} "
+                          f"with options {model.options}: {first}") from None
 
 
 def _start_at(model, mean_mos: float) -> None:
