@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     from facekd.runtime import keep_freed_memory
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archs", help="comma-separated names (default: every registered architecture)")
+    parser.add_argument("--archs", help="comma-separated names, timm/... and torchvision/... too (default: the "
+                                        "named architectures and the featured backbones)")
     parser.add_argument("--all", action="store_true", help="include iresnet100 on CPU")
     parser.add_argument("--batch", type=int, help="images per batch (default: 64 on CUDA, 8 on CPU)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -101,14 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch or (64 if cuda else 8)
     budget = args.budget or (20.0 if cuda else 3.0)
 
-    specs = available_archs()
-    if args.archs:
-        wanted = [a.strip() for a in args.archs.split(",") if a.strip()]
-        known = {s.name: s for s in specs}
-        unknown = [a for a in wanted if a not in known]
-        if unknown:
-            parser.error(f"unknown architecture(s) {', '.join(unknown)}; choose from {', '.join(known)}")
-        specs = [known[a] for a in wanted]
+    from facekd.errors import ConfigError
+    from facekd.models import get_arch
+    from facekd.models.backbones import FEATURED_BACKBONES
+
+    wanted = ([a.strip() for a in args.archs.split(",") if a.strip()] if args.archs
+              else [s.name for s in available_archs()] + list(FEATURED_BACKBONES))
+    try:
+        specs = [get_arch(name) for name in wanted]
+    except ConfigError as error:
+        parser.error(str(error))
     skipped = [s.name for s in specs if not cuda and not args.all and s.name in CPU_SKIP]
     entries = [(s.name, (lambda name=s.name: build_model(name)), s.input_size) for s in specs
                if s.name not in skipped]
