@@ -273,3 +273,25 @@ def test_register_custom_arch(monkeypatch):
         register_arch("tiny_test_net", "quality", 32, "again")(_tiny)
     with pytest.raises(ValueError, match="no check"):
         register_arch("tiny_bad", "quality", 32, "bad")(lambda input_size, *, speed=1: None)
+
+
+@pytest.mark.parametrize("name,kind", [("timm/vit_tiny_patch16_224", "pooled"),
+                                       ("timm/swin_tiny_patch4_window7_224", "NHWC"),
+                                       ("timm/convnext_atto", "NCHW")])
+def test_any_timm_model_is_a_trunk_whatever_its_output_layout(name, kind):
+    model = _meta_model(name)
+    assert model.backbone.kind == kind
+    size = model.input_size
+    features = model.features(torch.zeros(2, 3, size, size, device="meta"))
+    assert features.ndim == 4 and features.shape[:2] == (2, model.backbone.out_channels)
+    assert model.eval()(torch.zeros(2, 3, size, size, device="meta")).shape == (2,)
+    if kind == "pooled":  # ViT-style: a fixed input size
+        with pytest.raises(ConfigError, match="takes only 224"):
+            _meta_model(name, 256)
+
+
+def test_timm_trunk_trains_every_parameter():
+    torch.manual_seed(0)
+    model = build_model("timm/convnext_atto", 64).train()
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []

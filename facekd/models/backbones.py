@@ -108,17 +108,25 @@ def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], path
 @functools.lru_cache(maxsize=None)
 def _timm_probe(name: str) -> tuple[frozenset[str], int, str]:
     """(children the trunk's forward calls, its output channels, its output kind) of timm
-    model `name`, found by one forward on the meta device (no memory, no computation)."""
+    model `name`, found by one forward on the meta device (no memory, no computation), or on
+    the CPU for the rare model whose code cannot run there."""
+    try:
+        return _probe_on(name, torch.device("meta"))
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return _probe_on(name, torch.device("cpu"))
+
+
+def _probe_on(name: str, device: torch.device) -> tuple[frozenset[str], int, str]:
     import timm
 
-    with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False, num_classes=0)
+    with device:
+        model = timm.create_model(name, pretrained=False, num_classes=0).eval()
     size = model.pretrained_cfg.get("input_size", (3, 224, 224))[1:]
     called: set[str] = set()
     hooks = [child.register_forward_hook(lambda *_, n=n: called.add(n)) for n, child in model.named_children()]
     try:
         with torch.no_grad():
-            out = model.forward_features(torch.zeros(1, 3, *size, device="meta"))
+            out = model.forward_features(torch.zeros(1, 3, *size, device=device))
             kind = "NHWC" if getattr(model, "output_fmt", "NCHW") == "NHWC" else "NCHW"
             if out.ndim == 3:
                 out, kind = model.forward_head(out, pre_logits=True), "pooled"
