@@ -164,7 +164,7 @@ def test_resumed_run_has_the_csv_rows_of_an_uninterrupted_one(tmp_path):
     assert [row["train/loss"] for row in run] == [row["train/loss"] for row in ref]
 
 
-@pytest.mark.skipif(not tensorboard_available(), reason="tensorboard is not installed (pip install facekd[tensorboard])")
+@pytest.mark.skipif(not tensorboard_available(), reason="tensorboard is not installed (facekd[tensorboard])")
 def test_tensorboard_event_file_is_written(tmp_path):
     Trainer(config(epochs=1), tmp_path).fit(linear(), MSE(), Regression(), evaluate=_evaluate)
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
