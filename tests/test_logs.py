@@ -181,3 +181,48 @@ def test_tensorboard_event_file_is_written(tmp_path):
 def test_tensorboard_asked_for_without_the_package_is_a_one_line_error(tmp_path):
     with pytest.raises(ConfigError, match=r"^tensorboard: not installed \(pip install 'facekd\[tensorboard\]'\)$"):
         Trainer(config(epochs=1), tmp_path, tensorboard=True).fit(linear(), MSE(), Regression())
+
+
+class FakeWriter:
+    """Stands in for tensorboardX's SummaryWriter: records what the logger asks of it."""
+    made: list["FakeWriter"] = []
+
+    def __init__(self, log_dir, **kwargs):
+        self.log_dir, self.kwargs, self.scalars, self.closed = log_dir, kwargs, [], False
+        FakeWriter.made.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def test_tensorboard_tags_and_purge_on_resume_with_a_fake_writer(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    import lightning_fabric.loggers.tensorboard as board
+
+    monkeypatch.setattr(board, "_TENSORBOARD_AVAILABLE", False)
+    monkeypatch.setattr(board, "_TENSORBOARDX_AVAILABLE", True)
+    monkeypatch.setitem(sys.modules, "tensorboardX", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    monkeypatch.setattr("facekd.engine.loggers.tensorboard_available", lambda: True)
+    FakeWriter.made = []
+    (tmp_path / "run" / "tensorboard").mkdir(parents=True)
+    (tmp_path / "run" / "tensorboard" / "events.out.tfevents.old").write_text("an older run")
+    cfg = config(epochs=2, checkpoint_every_steps=5, log_every_steps=1)
+    with pytest.raises(Crash):
+        Trainer(cfg, tmp_path / "run").fit(linear(), CrashingMSE(), Regression(), evaluate=_evaluate)
+    assert not (tmp_path / "run" / "tensorboard" / "events.out.tfevents.old").exists()  # a fresh start
+    Trainer(cfg, tmp_path / "run").fit(linear(), MSE(), Regression(), evaluate=_evaluate)
+    first, resumed = FakeWriter.made
+    assert first.kwargs == {} and resumed.kwargs == {"purge_step": 6}  # hides step 6 of the killed run
+    assert first.closed and resumed.closed
+    assert first.log_dir.rstrip("/\\") == str(tmp_path / "run" / "tensorboard")
+    assert [s for t, _, s in first.scalars if t == "train/loss"] == [1, 2, 3, 4, 5, 6]
+    assert [s for t, _, s in resumed.scalars if t == "train/loss"] == [6, 7, 8]
+    assert {t for t, _, _ in first.scalars} >= {"train/loss", "train/lr", "train/img/s", "epoch", "eval/bias"}
