@@ -180,7 +180,7 @@ def test_tensorboard_event_file_is_written(tmp_path):
 @pytest.mark.skipif(tensorboard_available(), reason="tensorboard is installed")
 def test_tensorboard_asked_for_without_the_package_is_a_one_line_error(tmp_path):
     with pytest.raises(ConfigError, match=r"^tensorboard: not installed \(pip install 'facekd\[tensorboard\]'\)$"):
-        Trainer(config(epochs=1), tmp_path, tensorboard=True).fit(linear(), MSE(), Regression())
+        Trainer(config(epochs=1), tmp_path, tensorboard=True)
 
 
 class FakeWriter:

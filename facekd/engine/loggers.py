@@ -15,8 +15,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from facekd.errors import ConfigError
-
 
 def tensorboard_available() -> bool:
     """Whether lightning-fabric's TensorBoardLogger can write here."""
@@ -48,8 +46,6 @@ class MetricLoggers:
         self.tensorboard = None
         if tensorboard is None:
             tensorboard = tensorboard_available()
-        elif tensorboard and not tensorboard_available():
-            raise ConfigError("tensorboard: not installed (pip install 'facekd[tensorboard]')")
         if tensorboard:
             board = out_dir / "tensorboard"
             if resumed_step is None:  # a fresh start: no events of an older run in the same folder

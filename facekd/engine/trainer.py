@@ -72,7 +72,7 @@ from facekd.engine.checkpoint import (config_differences, config_fingerprint, lo
 from facekd.engine.distributed import (BatchSampler, DeterministicBatchSampler, _EpochDataset,
                                        derive_seed, gather_objects, seed_everything)
 from facekd.engine.ema import ModelEma
-from facekd.engine.loggers import MetricLoggers
+from facekd.engine.loggers import MetricLoggers, tensorboard_available
 from facekd.engine.schedule import LRSchedule
 from facekd.errors import ConfigError, DataError, FacekdError
 from facekd.progress import Progress
@@ -416,6 +416,8 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.progress = progress or Progress()
         self.extra_config = dict(extra_config or {})
+        if tensorboard and not tensorboard_available():
+            raise ConfigError("tensorboard: not installed (pip install 'facekd[tensorboard]')")
         self.tensorboard = tensorboard
 
     @property
