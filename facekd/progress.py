@@ -84,7 +84,7 @@ def _rate_column_class():
 
 
 class RichProgress(Progress):
-    """Progress bars on stderr with rate and ETA (used by the CLI)."""
+    """Progress bars on stderr with rate and ETA (the CLI, when stderr is a terminal)."""
 
     def __init__(self, console=None, disable: bool = False):
         from rich.console import Console
