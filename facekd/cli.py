@@ -14,9 +14,12 @@ from facekd.runtime import keep_freed_memory
 
 
 def _progress(args: argparse.Namespace):
-    from facekd.progress import RichProgress
+    """-q: silent; a terminal: bars; a file or pipe: timestamped lines every 15 s."""
+    from facekd.progress import PlainProgress, Progress, RichProgress
 
-    return RichProgress(disable=args.quiet)
+    if getattr(args, "quiet", False):
+        return Progress()
+    return RichProgress() if sys.stderr.isatty() else PlainProgress(sys.stderr, interval=15.0)
 
 
 def _console():
@@ -347,7 +350,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 # --- parser ------------------------------------------------------------------------------------
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only results and errors: no progress, no log lines")
 
 
 def _add_inference(parser: argparse.ArgumentParser, batch_size: int) -> None:

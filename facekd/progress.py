@@ -1,9 +1,13 @@
 """Progress reporting. The library never prints: long work reports through a `Progress`
-object the caller passes in. `NullProgress` is silent; `RichProgress` draws bars."""
+object the caller passes in. `NullProgress` is silent; `RichProgress` draws bars (for a
+terminal); `PlainProgress` writes timestamped lines (for files, pipes, CI and Slurm logs)."""
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, TypeVar
+import threading
+import time
+from datetime import datetime
+from typing import Callable, Iterable, Iterator, TextIO, TypeVar
 
 T = TypeVar("T")
 
@@ -46,13 +50,17 @@ class Progress:
 NullProgress = Progress
 
 
+def _info_text(info: dict, sep: str = "  ") -> str:
+    return sep.join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
+
+
 class _RichTask(ProgressTask):
     def __init__(self, owner: "RichProgress", task_id: int):
         self._owner = owner
         self._id = task_id
 
     def advance(self, n: int = 1, **info: object) -> None:
-        text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
+        text = _info_text(info)
         self._owner._bars.update(self._id, advance=n, info=text)
 
     def close(self) -> None:
@@ -76,7 +84,7 @@ def _rate_column_class():
 
 
 class RichProgress(Progress):
-    """Progress bars on stderr with rate and ETA (used by the CLI)."""
+    """Progress bars on stderr with rate and ETA (the CLI, when stderr is a terminal)."""
 
     def __init__(self, console=None, disable: bool = False):
         from rich.console import Console
@@ -106,3 +114,66 @@ class RichProgress(Progress):
 
     def log(self, message: str) -> None:
         self._console.print(message)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(max(seconds, 0.0)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class _PlainTask(ProgressTask):
+    def __init__(self, owner: "PlainProgress", description: str, total: int | None, unit: str):
+        self._owner, self._description, self._total, self._unit = owner, description, total, unit
+        self._n, self._info, self._closed = 0, {}, False
+        self._start = self._last = owner._clock()
+        self._last_n = 0
+
+    def advance(self, n: int = 1, **info: object) -> None:
+        self._n += n
+        self._info.update(info)
+        now = self._owner._clock()
+        if now - self._last >= self._owner.interval:
+            self._line(now, (self._n - self._last_n) / max(now - self._last, 1e-9), finished=False)
+            self._last, self._last_n = now, self._n
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            now = self._owner._clock()
+            self._line(now, self._n / max(now - self._start, 1e-9), finished=True)
+
+    def _line(self, now: float, rate: float, finished: bool) -> None:
+        parts = [self._description]
+        if self._total:
+            parts.append(f"{self._n}/{self._total} ({100 * self._n // self._total}%)")
+        else:
+            parts.append(str(self._n))
+        parts.append(f"{rate:,.1f} {self._unit}/s" if self._unit else f"{rate:,.1f}/s")
+        if finished:
+            parts.append(f"done in {_duration(now - self._start)}")
+        elif self._total and rate > 0:
+            parts.append(f"eta {_duration((self._total - self._n) / rate)}")
+        if self._info:
+            parts.append(_info_text(self._info, " "))
+        self._owner._write(now, "  ".join(parts))
+
+
+class PlainProgress(Progress):
+    """Timestamped lines instead of bars: one per task every `interval` seconds (0: every
+    step) and one when it finishes, with n/total, rate, eta and the task's info."""
+
+    def __init__(self, stream: TextIO, interval: float = 15.0, clock: Callable[[], float] = time.time):
+        self.stream, self.interval, self._clock = stream, interval, clock
+        self._lock = threading.Lock()
+
+    def task(self, description: str, total: int | None = None, unit: str = "") -> ProgressTask:
+        return _PlainTask(self, description, total, unit)
+
+    def log(self, message: str) -> None:
+        self._write(self._clock(), message)
+
+    def _write(self, now: float, text: str) -> None:
+        stamp = datetime.fromtimestamp(now).strftime("%Y-%m-%d %H:%M:%S")
+        with self._lock:
+            self.stream.write(f"{stamp}  {text}\n")
+            self.stream.flush()

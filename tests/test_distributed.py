@@ -43,6 +43,11 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
     state = load_checkpoint(two / "checkpoints" / "last.ckpt")
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
     assert not torch.equal(state["ranks"][0]["rng"]["torch"], state["ranks"][1]["rng"]["torch"])
+    # metrics.csv written once (rank 0): one row per metrics.jsonl record
+    records = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    rows = (two / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,") and len(rows) == 1 + len(records)
+    assert [row.split(",")[0] for row in rows[1:]] == [str(r["epoch"]) for r in records]
 
 
 def test_all_gather_with_grad_and_two_fits_in_two_processes(tmp_path):

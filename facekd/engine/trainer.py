@@ -37,12 +37,14 @@ What a run does and writes:
 - With `ema_decay`, evaluation uses the EMA weights and they are copied into the model at the
   end; the checkpoint keeps both.
 - `out_dir/metrics.jsonl`: one JSON line per log step ("event": "train": step, epoch, lr,
-  loss, the loss's metrics, img/s) and per evaluation ("event": "eval").
+  loss, the loss's metrics, img/s) and per evaluation ("event": "eval"); the same records in
+  `out_dir/metrics.csv` and, when tensorboard is importable, `out_dir/tensorboard/` (tags
+  `train/loss`, `eval/srcc`, ...; see `facekd.engine.loggers`).
 - `out_dir/checkpoints/last.ckpt`, atomically replaced every `checkpoint_every_steps` and at
   every epoch end (rank 0 writes, every rank reads: multi-node runs need a shared out_dir).
   Resuming restores everything, RNG states of every rank included, and truncates
-  metrics.jsonl to what it was at the checkpoint: on CPU a resumed run ends bit-identical to
-  an uninterrupted one (on GPU, up to nondeterministic kernels).
+  metrics.jsonl to what it was at the checkpoint (metrics.csv is rebuilt from it): on CPU a
+  resumed run ends bit-identical to an uninterrupted one (on GPU, up to nondeterministic kernels).
 - Several processes (DDP): every trainable parameter must take part in the loss (no unused
   parameters), the loss's metric keys must be the same on every rank, and all ranks must see
   the same number of batches.
@@ -70,6 +72,7 @@ from facekd.engine.checkpoint import (config_differences, config_fingerprint, lo
 from facekd.engine.distributed import (BatchSampler, DeterministicBatchSampler, _EpochDataset,
                                        derive_seed, gather_objects, seed_everything)
 from facekd.engine.ema import ModelEma
+from facekd.engine.loggers import MetricLoggers, tensorboard_available
 from facekd.engine.schedule import LRSchedule
 from facekd.errors import ConfigError, DataError, FacekdError
 from facekd.progress import Progress
@@ -400,10 +403,11 @@ class Trainer:
 
     `extra_config` (JSON-able, e.g. the stage's model and loss settings) is stored in the
     checkpoint and fingerprinted with the TrainConfig: resuming with different settings is
-    refused with the list of differences."""
+    refused with the list of differences. `tensorboard`: write TensorBoard event files (None:
+    when tensorboard is importable; True without it fails)."""
 
     def __init__(self, config: TrainConfig, out_dir: str | os.PathLike, progress: Progress | None = None,
-                 extra_config: Mapping[str, Any] | None = None):
+                 extra_config: Mapping[str, Any] | None = None, tensorboard: bool | None = None):
         try:
             config.validate()
         except ValueError as exc:
@@ -412,6 +416,9 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.progress = progress or Progress()
         self.extra_config = dict(extra_config or {})
+        if tensorboard and not tensorboard_available():
+            raise ConfigError("tensorboard: not installed (pip install 'facekd[tensorboard]')")
+        self.tensorboard = tensorboard
 
     @property
     def checkpoint_path(self) -> Path:
@@ -456,6 +463,7 @@ class _Run:
         self.fabric, self.precision = _start_fabric(cfg)
         self.rank, self.world = self.fabric.global_rank, self.fabric.world_size
         self.is_main = self.rank == 0
+        self.loggers: MetricLoggers | None = None
         self.progress = trainer.progress if self.is_main else Progress()
         if self.precision != {"32": "32-true"}.get(cfg.precision, cfg.precision):
             self.progress.log(f"precision '{cfg.precision}' needs CUDA (fp16 autocast with a gradient scaler); "
@@ -529,6 +537,16 @@ class _Run:
 
     def execute(self, resume) -> TrainResult:
         resumed_from = self._start_or_resume(resume)
+        if self.is_main:
+            self.loggers = MetricLoggers(self.t.out_dir, tensorboard=self.t.tensorboard, resumed_step=resumed_from,
+                                         history=self._read_history() if resumed_from is not None else ())
+        try:
+            return self._train(resumed_from)
+        finally:
+            if self.loggers is not None:
+                self.loggers.close()
+
+    def _train(self, resumed_from: int | None) -> TrainResult:
         self.stage.train()
         while self.step < self.total_steps:
             self._train_epoch()
@@ -549,7 +567,7 @@ class _Run:
         cfg, accum = self.cfg, self.cfg.accumulate_grad_batches
         steps = min(self.steps_per_epoch, self.total_steps - self.epoch * self.steps_per_epoch)
         loader = self._loader(start=self.position * accum, stop=steps * accum)
-        with self.progress.task(f"epoch {self.epoch + 1}/{self.num_epochs}", total=steps) as bar:
+        with self.progress.task(f"epoch {self.epoch + 1}/{self.num_epochs}", total=steps, unit="step") as bar:
             if self.position:
                 bar.advance(self.position)
             for i, batch in enumerate(loader):
@@ -655,6 +673,7 @@ class _Run:
             self.t.metrics_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.t.metrics_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
+            self.loggers.log(record)
 
     def _read_history(self) -> list[dict[str, Any]]:
         path = self.t.metrics_path
