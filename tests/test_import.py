@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from torch import nn
 
 import facekd
 from facekd.cli import main
