@@ -85,7 +85,7 @@ def _match_backbone(path: Path, trunk: dict[str, torch.Tensor]) -> str:
 
 
 def _efficient_fiqa(path: Path, state: dict[str, torch.Tensor], input_size: int | None):
-    """(model, backbone weights, head weights) of an Efficient-FIQA checkpoint."""
+    """The facekd model an Efficient-FIQA checkpoint holds, and its weights under facekd's names."""
     from facekd.models.registry import build_model
 
     state = _strip(state, "module.") if all(k.startswith("module.") for k in state) else state  # DataParallel
@@ -116,6 +116,7 @@ def _efficient_fiqa(path: Path, state: dict[str, torch.Tensor], input_size: int 
 
 
 def _timm(path: Path, state: dict[str, torch.Tensor], arch: str | None, input_size: int | None):
+    """A `timm/<name>` quality model whose trunk holds the timm state dict `state`."""
     from facekd.models.backbones import TimmTrunk
     from facekd.models.registry import build_model
 
@@ -124,7 +125,7 @@ def _timm(path: Path, state: dict[str, torch.Tensor], arch: str | None, input_si
     model = build_model(arch, input_size)
     assert isinstance(model.backbone, TimmTrunk)
     model.backbone.load_timm_state_dict(state, path)
-    return model, None
+    return model
 
 
 def import_checkpoint(fmt: str, checkpoint: str | os.PathLike, out: str | os.PathLike, *, arch: str | None = None,
@@ -147,7 +148,7 @@ def import_checkpoint(fmt: str, checkpoint: str | os.PathLike, out: str | os.Pat
             raise DataError(path, f"missing keys for {model.arch}: {describe_keys(missing)}")
         model.load_state_dict(weights, strict=True)
     else:
-        model, _ = _timm(path, state, arch, input_size)
+        model = _timm(path, state, arch, input_size)
     source = {"format": fmt, "file": path.name, "sha256": file_digest(path)}
     written = save_model(model.eval(), out, training_config={"imported_from": source})
     return ImportReport(written, fmt, model.arch, model.input_size, model.resize, count_params(model),
