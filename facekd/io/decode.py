@@ -19,7 +19,7 @@ import numpy as np
 
 from facekd.errors import ConfigError, DataError, FacekdError
 from facekd.io.formats import absolute
-from facekd.io.images import Resize, as_resize, read_image
+from facekd.io.images import Resize, read_image
 from facekd.progress import Progress
 
 __all__ = ["DecodedBatch", "check_batch_size", "check_geometry", "check_workers", "decode_batches", "default_workers",
@@ -66,7 +66,7 @@ def load_one(path: PathLike, size: int | Resize) -> np.ndarray | str:
     """`path` decoded to RGB uint8 at the model's input (`size`: a side length to stretch to,
     or a `Resize`), or the reason it cannot be."""
     try:
-        return as_resize(size)(read_image(path))
+        return check_geometry(size)(read_image(path))
     except FacekdError as error:
         return error.reason if isinstance(error, DataError) else str(error)
 

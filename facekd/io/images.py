@@ -24,7 +24,6 @@ __all__ = [
     "MAX_PIXELS",
     "RESIZE_MODES",
     "Resize",
-    "as_resize",
     "center_crop_offsets",
     "WRITABLE_EXTENSIONS",
     "decode_image",
@@ -716,8 +715,3 @@ class Resize:
 
     def __repr__(self) -> str:
         return f"Resize({self.size}, {self.mode!r})"
-
-
-def as_resize(value: "int | Resize") -> Resize:
-    """A `Resize` from a side length (stretch) or a `Resize` itself."""
-    return value if isinstance(value, Resize) else Resize(value)
