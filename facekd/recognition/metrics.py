@@ -104,24 +104,23 @@ def _just_above(value: float) -> float:
 
 
 def _roc_counts(scores: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """False and true accept counts at every distinct threshold, highest first, from (0, 0) at +inf."""
-    order = np.argsort(-scores, kind="stable")
-    sorted_scores = scores[order]
-    true_accepts = np.cumsum(issame[order])
-    # the last position of each run of equal scores: tied pairs are accepted together
-    run_ends = np.r_[np.flatnonzero(np.diff(sorted_scores)), scores.size - 1]
-    tps = np.r_[0, true_accepts[run_ends]]
-    fps = np.r_[0, run_ends + 1 - true_accepts[run_ends]]
-    thresholds = np.r_[np.inf, sorted_scores[run_ends]]
-    return fps, tps, thresholds
+    """False and true accept counts at every distinct threshold, highest first, from (0, 0) at +inf.
+
+    scikit-learn's `roc_curve` walks the sorted scores (tied pairs are accepted together); its
+    rates are turned back into exact counts."""
+    from sklearn.metrics import roc_curve as sklearn_roc_curve  # lazy: a heavy import
+
+    fpr, tpr, thresholds = sklearn_roc_curve(issame, scores, drop_intermediate=False)
+    positives = int(issame.sum())
+    return np.rint(fpr * (issame.size - positives)), np.rint(tpr * positives), thresholds
 
 
 def roc_curve(scores: ArrayLike, issame: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact ROC: (fpr, tpr, thresholds), one point per distinct score, highest threshold first.
 
     Point k accepts every pair with `score >= thresholds[k]`; the curve starts at (0, 0) with
-    threshold +inf and ends at (1, 1). Same as `sklearn.metrics.roc_curve(...,
-    drop_intermediate=False)`.
+    threshold +inf and ends at (1, 1): `sklearn.metrics.roc_curve(..., drop_intermediate=False)`
+    after facekd's input checks.
     """
     score_arr, same_arr = comparison_arrays(scores, issame)
     fps, tps, thresholds = _roc_counts(score_arr, same_arr)
@@ -170,10 +169,6 @@ def tpr_at_fpr(scores: ArrayLike, issame: ArrayLike,
     level_list = _as_levels(levels)
     score_arr, same_arr = comparison_arrays(scores, issame)
     return _tpr_at_fpr_from_counts(*_roc_counts(score_arr, same_arr), level_list)
-
-
-def _auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
-    return float(np.trapezoid(tpr, fpr))
 
 
 def _eer(fpr: np.ndarray, tpr: np.ndarray) -> float:
@@ -255,6 +250,8 @@ def verification_report(scores: ArrayLike, issame: ArrayLike, levels: Sequence[f
     level_list = _as_levels(levels)
     fold_count = _as_folds(folds)
     score_arr, same_arr = comparison_arrays(scores, issame)
+    from sklearn.metrics import auc as sklearn_auc
+
     fps, tps, thresholds = _roc_counts(score_arr, same_arr)
     fpr, tpr = fps / fps[-1], tps / tps[-1]
     accuracy = _kfold_accuracy(score_arr, same_arr, fold_count) if score_arr.size >= fold_count else None
@@ -266,7 +263,7 @@ def verification_report(scores: ArrayLike, issame: ArrayLike, levels: Sequence[f
         "accuracy": accuracy["mean"] if accuracy else None,
         "accuracy_std": accuracy["std"] if accuracy else None,
         "tpr_at_fpr": _tpr_at_fpr_from_counts(fps, tps, thresholds, level_list),
-        "auc": _auc(fpr, tpr),
+        "auc": float(sklearn_auc(fpr, tpr)),
         "eer": _eer(fpr, tpr),
     }
 
