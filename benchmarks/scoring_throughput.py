@@ -13,9 +13,12 @@ depend on them), measured with the same decoding threads (`--workers`):
     its rate divided by (a);
 (d) inference only on random uint8 batches at batch 1 and 64: torch eager vs ONNX Runtime
     with every core (the paper teacher's eager batch of 64 at 448 px is skipped: ~20 GB).
-Every rate is the median of `--repeats` runs. Then peak RSS (VmHWM) of a fresh process that
-scores (demo student) or embeds (MobileFaceNet at 112 px) `--rss-images` paths, on each
-backend, read at 2 000 images, every 5 000, and after the output is written.
+Every rate is the median of `--repeats` runs, with their range; (a) and (b, c) alternate
+after a warm-up of each, and their ratio is taken run by run. Then peak RSS (VmHWM) of a fresh
+process that scores (demo student) or embeds (MobileFaceNet at 112 px) `--rss-images` paths,
+on each backend, read at 2 000 images, every 5 000, and after the output is written, in
+`--rss-repeats` processes each. The load average before and after is recorded: figures from
+a busy machine are not comparable.
 
 Targets: student end to end ≥ 80 % of (a); student ≥ 10× teacher at batch 64 (inference);
 peak RSS at 20 000 images within 5 % of the value at 2 000."""
@@ -118,9 +121,26 @@ def inference_rate(predictor, size: int, batch: int, seconds: float) -> float:
     return batch / statistics.median(times)
 
 
+def spread(values: list[float]) -> dict:
+    """Median of the runs, their range, and the range as a fraction of the median."""
+    middle = statistics.median(values)
+    return {"median": middle, "min": min(values), "max": max(values),
+            "relative_range": (max(values) - min(values)) / middle if middle else None, "runs": values}
+
+
 def median_of(repeats: int, measure) -> dict:
-    values = [measure() for _ in range(repeats)]
-    return {"median": statistics.median(values), "runs": values}
+    return spread([measure() for _ in range(repeats)])
+
+
+def interleaved(repeats: int, first, second) -> tuple[list[float], list[float]]:
+    """`repeats` runs of each, alternating (a warm-up of each first), so that a drift of the
+    machine during the measurement moves both alike and their ratio stays comparable."""
+    first(), second()
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(first())
+        b.append(second())
+    return a, b
 
 
 def measure_pair(name: str, args, work: Path, files: dict[int, list[Path]], progress) -> dict:
@@ -151,12 +171,13 @@ def measure_pair(name: str, args, work: Path, files: dict[int, list[Path]], prog
             list_file = write_list(paths, work / f"{name}-{role}-{image_size}.txt")
             progress.log(f"{name} {role} {choice.arch}@{size}: {len(paths)} JPEGs at {image_size} px")
             batch = backend.batch_size
-            limit = median_of(args.repeats, lambda: decode_rate(paths, size, batch, args.workers))
-            scored = median_of(args.repeats, lambda: score_rate(model, digest, paths, list_file,
-                                                                work / "scores.csv", batch, args.workers))
-            entry[f"jpeg_{image_size}"] = {"images": len(paths), "backend": backend.to_dict(),
-                                           "decode_only": limit, "end_to_end": scored,
-                                           "end_to_end_over_decode": scored["median"] / limit["median"]}
+            limits, scores = interleaved(
+                args.repeats, lambda: decode_rate(paths, size, batch, args.workers),
+                lambda: score_rate(model, digest, paths, list_file, work / "scores.csv", batch, args.workers))
+            entry[f"jpeg_{image_size}"] = {
+                "images": len(paths), "backend": backend.to_dict(),
+                "decode_only": spread(limits), "end_to_end": spread(scores),
+                "end_to_end_over_decode": spread([e / d for e, d in zip(scores, limits)])}
         torch.set_num_threads(os.cpu_count() or 1)
         torch_model = facekd.load(path, batch_size=64)
         onnx_model = load_onnx(cached_onnx(path, digest), spinning=False)
@@ -242,14 +263,21 @@ def measure_rss(args, work: Path, files: list[Path]) -> dict:
         for backend in ("torch", "onnx"):
             out = work / ("rss.csv" if kind == "score" else "rss.npz")
             code = RSS_CHILD % {"marks": marks}
-            done = subprocess.run([sys.executable, "-c", code, kind, str(model), str(list_file), str(out), backend],
-                                  capture_output=True, text=True, check=True)
-            data = json.loads(done.stdout.strip().splitlines()[-1])
-            first = next(m for m in data["marks"] if m["images"] >= RSS_MARK)
-            data["peak_rss_mib_at_2000"] = first["peak_rss_mib"]
-            data["peak_rss_mib_at_end"] = data["marks"][-1]["peak_rss_mib"]
-            data["growth"] = data["peak_rss_mib_at_end"] / first["peak_rss_mib"] - 1
-            result[f"{kind}/{backend}"] = data
+            runs = []
+            for _ in range(args.rss_repeats):
+                done = subprocess.run([sys.executable, "-c", code, kind, str(model), str(list_file), str(out),
+                                       backend], capture_output=True, text=True, check=True)
+                data = json.loads(done.stdout.strip().splitlines()[-1])
+                first = next(m for m in data["marks"] if m["images"] >= RSS_MARK)
+                data["peak_rss_mib_at_2000"] = first["peak_rss_mib"]
+                data["peak_rss_mib_at_end"] = data["marks"][-1]["peak_rss_mib"]
+                data["growth"] = data["peak_rss_mib_at_end"] / first["peak_rss_mib"] - 1
+                runs.append(data)
+            result[f"{kind}/{backend}"] = {
+                "growth": spread([run["growth"] for run in runs]),
+                "peak_rss_mib_at_2000": spread([run["peak_rss_mib_at_2000"] for run in runs]),
+                "peak_rss_mib_at_end": spread([run["peak_rss_mib_at_end"] for run in runs]),
+                "runs": runs}
     return result
 
 
@@ -266,6 +294,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=2.0, help="time per inference-only measurement")
     parser.add_argument("--rss-images", type=int, default=20000)
+    parser.add_argument("--rss-repeats", type=int, default=3, help="fresh processes per RSS measurement")
     args = parser.parse_args(argv)
 
     from facekd import __version__
@@ -286,6 +315,8 @@ def main(argv=None) -> int:
                     "python": platform.python_version(), "torch": torch.__version__,
                     "onnxruntime": onnxruntime.__version__, "facekd": __version__},
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        # a busy machine (load well above 0 before the start) makes every rate below noisy
+        "load_average_before": os.getloadavg(),
         "pairs": {},
     }
     # memory first: the paper teacher at batch 64 leaves this process holding tens of GB
@@ -295,12 +326,16 @@ def main(argv=None) -> int:
     report["seconds"] = time.perf_counter() - started
 
     demo = report["pairs"].get("demo")
+    def summary(figure: dict) -> dict:
+        return {key: figure[key] for key in ("median", "min", "max")}
+
     targets = {}
     if demo:
         targets["student_end_to_end_over_decode"] = {
-            f"jpeg_{s}": demo["student"][f"jpeg_{s}"]["end_to_end_over_decode"] for s in SIZES}
+            f"jpeg_{s}": summary(demo["student"][f"jpeg_{s}"]["end_to_end_over_decode"]) for s in SIZES}
     targets["student_over_teacher_batch_64"] = {n: p["student_over_teacher_batch_64"] for n, p in report["pairs"].items()}
-    targets["rss_growth_2000_to_end"] = {k: v["growth"] for k, v in report["memory"].items()}
+    targets["rss_growth_2000_to_end"] = {k: summary(v["growth"]) for k, v in report["memory"].items()}
+    report["load_average_after"] = os.getloadavg()
     report["targets"] = targets
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
