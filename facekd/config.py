@@ -1,19 +1,18 @@
-"""Typed configs: dataclasses filled from YAML, with one-line errors that name the bad key.
+"""Typed configs: pydantic models filled from YAML, with one-line errors that name the bad key.
 
-A config is a plain dataclass; `load_config("demo.yaml", TrainConfig)` reads the file and
-converts every value to its field's type. Supported field types: `int`, `float` (an int is
-accepted and converted; a bool is never a number), `str`, `bool` (YAML booleans only),
-`X | None`, `Literal[...]`, `Enum` subclasses, `list[T]`, `tuple[T, ...]`, fixed tuples such as
-`tuple[int, int]`, `dict[str, T]`, nested dataclasses, `Any`, `Path` and the two path markers
-`ExistingPath` (must exist when the config is loaded) and `OutputPath` (not checked).
+A config is a `ConfigModel` (a pydantic v2 model that refuses unknown keys and does not coerce:
+a bool is never a number, `"32"` is not an int, an int is accepted for a float and converted).
+`load_config("demo.yaml", QualityRunConfig)` reads the file and validates it; ranges and
+choices are pydantic constraints (`Field(gt=0)`, `Literal[...]`) or validators that raise
+`ValueError("reason")`. Every failure is a `ConfigError` of one line, `demo.yaml: train.lr:
+must be > 0, got 0.0`, the key path coming from the validation error's location. Building a
+model in Python (`TrainConfig(lr=0)`) or assigning a bad value raises the same `ConfigError`,
+without the file name. `validated(Model, data, where)` serves options that are not in a file
+(model and loss options): errors read `where.key: reason`.
+
+Paths: `ExistingPath` (must exist when the config is loaded) and `OutputPath` (not checked).
 Relative paths are resolved against the YAML file's folder, except values given with `--set`,
-which are resolved against the current folder. A field with a default is optional; defaults
-are used as written (not converted, resolved or checked).
-
-Validation: a dataclass may define `validate(self) -> None` (or `__post_init__`) that raises
-`ValueError`. If the message starts with a field name and a colon, the error points at that field:
-`raise ValueError("lr: must be > 0")` in `train` reads `demo.yaml: train.lr: must be > 0`;
-any other message points at the dataclass itself (`demo.yaml: train: <message>`).
+which are resolved against the current folder. Defaults are used as written (not validated).
 
 YAML is read as YAML 1.1 (`yaml.safe_load`) with two fixes: a repeated key is an error instead
 of silently keeping the last one, and `1e-3` is a float instead of a string.
@@ -21,25 +20,26 @@ of silently keeping the last one, and `1e-3` is a float instead of a string.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import difflib
-import enum
-import functools
 import os
 import re
-import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Sequence, TypeVar
+from typing import Annotated, Any, Sequence, TypeVar
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, ValidationInfo
 
 from facekd.errors import ConfigError
 from facekd.io.atomic import atomic_write_text
 
 __all__ = [
+    "ConfigModel",
     "ExistingPath",
     "OutputPath",
+    "NonNegative",
+    "validated",
     "load_config",
     "config_from_dict",
     "config_to_dict",
@@ -47,19 +47,7 @@ __all__ = [
     "parse_override",
 ]
 
-T = TypeVar("T")
-
-
-@dataclasses.dataclass(frozen=True)
-class _PathRule:
-    must_exist: bool
-
-
-ExistingPath = Annotated[Path, _PathRule(must_exist=True)]
-"""A path that must exist when the config is loaded (an input file or folder)."""
-
-OutputPath = Annotated[Path, _PathRule(must_exist=False)]
-"""A path that is written to; only resolved, never checked."""
+Model = TypeVar("Model", bound=BaseModel)
 
 
 # ----------------------------------------------------------------------------- YAML reading
@@ -108,32 +96,41 @@ def _parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: {where}invalid YAML ({reason})") from None
 
 
-# ----------------------------------------------------------------------------- conversion
+# ----------------------------------------------------------------------------- paths
 
 
-class _FieldError(Exception):
-    """A bad value at a key path; formatted with its source by the caller."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(key, message)
-        self.key, self.message = key, message
+class _CommandLineText(str):
+    """A string given with `--set`: a path in it is relative to the current folder."""
 
 
-@dataclasses.dataclass(frozen=True)
-class _Context:
-    base_dir: Path
-    cli_keys: tuple[str, ...] = ()  # keys set on the command line: their paths are cwd-relative
+def _path(must_exist: bool):
+    def resolve(value: Any, info: ValidationInfo) -> Path:
+        if isinstance(value, Path):
+            value = str(value)
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"expected a path, got {_describe(value)}")
+        base = (info.context or {}).get("base_dir")
+        if base is None or isinstance(value, _CommandLineText):
+            base = Path.cwd()
+        path = Path(os.path.abspath(Path(base) / Path(value).expanduser()))
+        if must_exist and not path.exists():
+            raise ValueError(f"file not found: {path}")
+        return path
 
-    def path_base(self, key: str) -> Path:
-        return Path.cwd() if any(_is_under(key, k) for k in self.cli_keys) else self.base_dir
+    return PlainValidator(resolve)
 
 
-def _is_under(key: str, parent: str) -> bool:
-    return key == parent or key.startswith(parent + ".") or key.startswith(parent + "[")
+ExistingPath = Annotated[Path, _path(must_exist=True)]
+"""A path that must exist when the config is loaded (an input file or folder)."""
+
+OutputPath = Annotated[Path, _path(must_exist=False)]
+"""A path that is written to; only resolved, never checked."""
+
+NonNegative = Annotated[float, Field(ge=0)]
+"""A number >= 0 (a loss weight, a rate)."""
 
 
-def _join(prefix: str, name: Any) -> str:
-    return f"{prefix}.{name}" if prefix else str(name)
+# ----------------------------------------------------------------------------- errors
 
 
 def _describe(value: Any) -> str:
@@ -147,188 +144,143 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _number(value: Any) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
 def _suggest(word: Any, choices: Sequence[Any]) -> str:
-    names = [str(c) for c in choices]
-    close = difflib.get_close_matches(str(word), names, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-_SCALARS = (bool, int, float, str, Path)
+def _key(loc: Sequence[Any]) -> str:
+    """`('train', 'milestones', 1)` → `train.milestones[1]`."""
+    key = ""
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    return key
 
 
-def _check_supported(tp: Any, where: str) -> None:
-    """Raise TypeError (a bug in the config class, not in the YAML) for types we cannot fill."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Annotated:
-        return _check_supported(args[0], where)
-    if origin in (typing.Union, types.UnionType):
-        rest = [a for a in args if a is not type(None)]
-        if len(rest) != 1 or len(args) != 2:
-            raise TypeError(f"{where}: only `X | None` unions are supported, got {tp}")
-        return _check_supported(rest[0], where)
-    if origin in (list, tuple, dict):
-        if origin is dict and args and args[0] is not str:
-            raise TypeError(f"{where}: dict keys must be str, got {tp}")
-        for arg in args[1:] if origin is dict else args:
-            if arg is not Ellipsis:
-                _check_supported(arg, where)
-        return
-    if origin is Literal or tp is Any or tp in _SCALARS or tp in (list, tuple, dict):
-        return
-    if isinstance(tp, type) and (issubclass(tp, enum.Enum) or dataclasses.is_dataclass(tp)):
-        return
-    raise TypeError(f"{where}: unsupported config field type {tp!r}")
+def _model_at(cls: type[BaseModel], loc: Sequence[Any]) -> type[BaseModel] | None:
+    """The model class holding the key at `loc` (for 'did you mean' suggestions)."""
+    annotation: Any = cls
+    for part in loc:
+        while not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if not args:
+                return None
+            # Annotated[X, ...] → X; Optional[X], list[X], dict[str, X] → X
+            annotation = args[0] if typing.get_origin(annotation) is Annotated else args[-1]
+        field = annotation.model_fields.get(part) if isinstance(part, str) else None
+        annotation = field.annotation if field is not None else annotation
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
-@functools.lru_cache(maxsize=None)
-def _init_fields(cls: type) -> dict[str, tuple[Any, bool]]:
-    """Map each init field of a dataclass to (resolved type, required)."""
-    hints = typing.get_type_hints(cls, include_extras=True)
-    fields = {}
-    for field in dataclasses.fields(cls):
-        if not field.init:
-            continue
-        tp = hints[field.name]
-        _check_supported(tp, f"{cls.__qualname__}.{field.name}")
-        no_default = dataclasses.MISSING
-        required = field.default is no_default and field.default_factory is no_default
-        fields[field.name] = (tp, required)
-    return fields
+_EXPECTED = {
+    "float_type": "float", "int_type": "int", "bool_type": "bool (true or false)", "string_type": "str",
+    "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping",
+    "list_type": "a list", "tuple_type": "a list",
+}
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
-def _convert(value: Any, tp: Any, key: str, ctx: _Context) -> Any:
-    """Convert the raw YAML `value` at `key` to type `tp`, or raise `_FieldError`."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-
-    def fail(expected: str, hint: str = "") -> typing.NoReturn:
-        raise _FieldError(key, f"expected {expected}, got {_describe(value)}{hint}")
-
-    if tp is Any:
-        return value
-    if origin is Annotated:
-        path = _convert(value, args[0], key, ctx)
-        rules = [m for m in args[1:] if isinstance(m, _PathRule)]
-        if path is not None and any(r.must_exist for r in rules) and not path.exists():
-            raise _FieldError(key, f"file not found: {path}")
-        return path
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            return None
-        return _convert(value, next(a for a in args if a is not type(None)), key, ctx)
-    if origin is Literal:
-        for allowed in args:
-            if value == allowed and type(value) is type(allowed):
-                return allowed
-        hint = _suggest(value, args) if isinstance(value, str) else ""
-        fail("one of " + ", ".join(repr(a) for a in args), hint)
-    if tp is bool:
-        return value if isinstance(value, bool) else fail("bool (true or false)")
-    if tp is int:
-        return value if isinstance(value, int) and not isinstance(value, bool) else fail("int")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        fail("float")
-    if tp is str:
-        return value if isinstance(value, str) else fail("str")
-    if tp is Path:
-        if not isinstance(value, (str, os.PathLike)) or not str(value):
-            fail("a path")
-        path = Path(value).expanduser()
-        return Path(os.path.abspath(ctx.path_base(key) / path))
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        for member in tp:
-            if value == member.value or value == member.name or value is member:
-                return member
-        fail("one of " + ", ".join(repr(m.value) for m in tp))
-    if origin in (list, tuple) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            fail("a list")
-        if origin is tuple and args and args[-1] is not Ellipsis and len(value) != len(args):
-            fail(f"a list of {len(args)} items", f" with {len(value)} items")
-        if not args:
-            item_types = [Any] * len(value)
-        elif origin is list or args[-1] is Ellipsis:
-            item_types = [args[0]] * len(value)
-        else:
-            item_types = list(args)
-        items = [
-            _convert(v, t, f"{key}[{i}]", ctx) for i, (v, t) in enumerate(zip(value, item_types))
-        ]
-        return tuple(items) if tuple in (origin, tp) else items
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            fail("a mapping")
-        value_type = args[1] if args else Any
-        for k in value:
-            if not isinstance(k, str):
-                raise _FieldError(_join(key, k), "keys must be strings")
-        return {k: _convert(v, value_type, _join(key, k), ctx) for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            fail("a mapping")
-        return _build_dataclass(value, tp, key, ctx)
-    raise TypeError(f"{key}: unsupported config field type {tp!r}")
+def _reason(error: dict, cls: type[BaseModel]) -> str:
+    """The reason part of the one-line message for one pydantic error."""
+    kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
+    got = f"got {_describe(value)}"
+    if kind == "missing":
+        return "missing required key"
+    if kind == "extra_forbidden":
+        parent = _model_at(cls, error["loc"][:-1])
+        return "unknown key" + (_suggest(error["loc"][-1], list(parent.model_fields)) if parent else "")
+    if kind in _EXPECTED:
+        return f"expected {_EXPECTED[kind]}, {got}"
+    if kind in ("literal_error", "enum"):
+        choices = ctx["expected"].rsplit(" or ", 1)
+        named = kind == "literal_error" and isinstance(value, str)
+        hint = _suggest(value, re.findall(r"'([^']*)'", ctx["expected"])) if named else ""
+        return f"expected one of {', '.join(choices)}, {got}{hint}"
+    if kind in _BOUNDS:
+        bound = next(iter(ctx.values()))
+        return f"must be {_BOUNDS[kind]} {_number(bound)}, {got}"
+    if kind == "finite_number":
+        return f"must be a finite number, {got}"
+    if kind in ("too_long", "too_short") and ctx.get("field_type") == "Tuple":
+        return f"expected a list of {ctx.get('max_length', ctx.get('min_length'))} items, got a list with " \
+               f"{ctx['actual_length']} items"
+    if kind in ("too_long", "too_short"):
+        limit = f"at most {ctx['max_length']}" if kind == "too_long" else f"at least {ctx['min_length']}"
+        return f"expected {limit} items, got {ctx['actual_length']}"
+    if kind in ("value_error", "assertion_error"):
+        return " ".join(str(ctx["error"]).split())
+    return error["msg"]
 
 
-def _build_dataclass(data: dict, cls: type, key: str, ctx: _Context) -> Any:
-    fields = _init_fields(cls)
-    for name in data:
-        if name not in fields:
-            raise _FieldError(_join(key, name), "unknown key" + _suggest(name, list(fields)))
-    kwargs = {}
-    for name, (tp, required) in fields.items():
-        if name in data:
-            kwargs[name] = _convert(data[name], tp, _join(key, name), ctx)
-        elif required:
-            raise _FieldError(_join(key, name), "missing required key")
+def _first(exc: ValidationError) -> dict:
+    """The error to report: the first unknown key, else the first error."""
+    errors = exc.errors()
+    return next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+
+
+def error_line(exc: ValidationError, cls: type[BaseModel], where: str = "") -> str:
+    """One line for the first error of `exc`: `where.key.path: reason`."""
+    error = _first(exc)
+    key = _key(error["loc"])
+    key = f"{where}.{key}" if where and key else where or key
+    return f"{key}: {_reason(error, cls)}" if key else _reason(error, cls)
+
+
+@contextlib.contextmanager
+def _as_config_error(cls: type[BaseModel], where: str = ""):
     try:
-        obj = cls(**kwargs)
-        validate = getattr(obj, "validate", None)
-        if callable(validate):
-            validate()
-    except ValueError as exc:
-        raise _validation_error(exc, key, fields) from None
-    return obj
+        yield
+    except ValidationError as exc:
+        raise ConfigError(error_line(exc, cls, where)) from None
 
 
-def _validation_error(exc: ValueError, key: str, fields: dict) -> _FieldError:
-    """Apply the `"field: message"` convention of `validate`/`__post_init__` errors."""
-    message = " ".join(str(exc).split()) or type(exc).__name__
-    head, sep, rest = message.partition(": ")
-    name = re.match(r"[A-Za-z_]\w*", head)
-    if sep and name and name.group(0) in fields and re.fullmatch(r"[\w.\[\]]+", head):
-        return _FieldError(_join(key, head), rest)
-    return _FieldError(key, message)
+# ----------------------------------------------------------------------------- models
 
 
-def _build(data: Any, cls: type[T], ctx: _Context) -> T:
-    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
-        raise TypeError(f"config class must be a dataclass, got {cls!r}")
-    if not isinstance(data, dict):
-        raise _FieldError("", "expected a mapping at the top level")
-    return _build_dataclass(data, cls, "", ctx)
+class ConfigModel(BaseModel):
+    """Base of every config and option model: strict, no unknown keys, finite numbers, checked
+    on assignment too; a bad value raises `ConfigError` ("key: reason")."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, validate_assignment=True)
+
+    def __init__(self, **data: Any):
+        with _as_config_error(type(self)):
+            super().__init__(**data)
+
+    # only wraps pydantic's own __init__: tell pydantic so, or it would validate nested models
+    # through it (without the validation context that carries the config file's folder)
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        with _as_config_error(type(self)):
+            super().__setattr__(name, value)
 
 
-def _format(source: str, key: str, message: str) -> str:
-    return f"{source}: {key}: {message}" if key else f"{source}: {message}"
+def validated(cls: type[Model], data: Any, where: str = "", base_dir: Path | None = None) -> Model:
+    """`data` validated as `cls`; errors raise `ConfigError` reading `where.key: reason`."""
+    with _as_config_error(cls, where):
+        return cls.model_validate(data, context={"base_dir": base_dir})
 
 
 # ----------------------------------------------------------------------------- public API
 
 
 def config_from_dict(
-    data: dict, cls: type[T], source: str = "<config>", base_dir: Path | None = None
-) -> T:
-    """Build dataclass `cls` from a plain dict; relative paths are resolved against `base_dir`
+    data: dict, cls: type[Model], source: str = "<config>", base_dir: Path | None = None
+) -> Model:
+    """Build model `cls` from a plain dict; relative paths are resolved against `base_dir`
     (default: the current folder). Errors read `source: key.path: reason`."""
-    ctx = _Context(Path(os.path.abspath(base_dir if base_dir is not None else Path.cwd())))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    base = Path(os.path.abspath(base_dir if base_dir is not None else Path.cwd()))
     try:
-        return _build(data, cls, ctx)
-    except _FieldError as exc:
-        raise ConfigError(_format(source, exc.key, exc.message)) from None
+        return cls.model_validate(data, context={"base_dir": base})
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {error_line(exc, cls)}") from None
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -340,6 +292,17 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, _parse_yaml(text, f"--set {key}")
 
 
+def _from_command_line(value: Any) -> Any:
+    """`value` with every string in it marked as given on the command line."""
+    if isinstance(value, str):
+        return _CommandLineText(value)
+    if isinstance(value, list):
+        return [_from_command_line(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _from_command_line(v) for k, v in value.items()}
+    return value
+
+
 def _apply_override(data: dict, key: str, value: Any, source: str) -> None:
     node = data
     parts = key.split(".")
@@ -347,13 +310,17 @@ def _apply_override(data: dict, key: str, value: Any, source: str) -> None:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             where = ".".join(parts[: depth + 1])
-            raise ConfigError(_format(source, where, f"expected a mapping, got {_describe(child)}"))
+            raise ConfigError(f"{source}: {where}: expected a mapping, got {_describe(child)}")
         node = child
-    node[parts[-1]] = value
+    node[parts[-1]] = _from_command_line(value)
 
 
-def load_config(path: str | os.PathLike, cls: type[T], overrides: Sequence[str] = ()) -> T:
-    """Read a YAML file into dataclass `cls`, after applying `--set` style `overrides`
+def _is_under(key: str, parent: str) -> bool:
+    return key == parent or key.startswith(parent + ".") or key.startswith(parent + "[")
+
+
+def load_config(path: str | os.PathLike, cls: type[Model], overrides: Sequence[str] = ()) -> Model:
+    """Read a YAML file into model `cls`, after applying `--set` style `overrides`
     (`"train.lr=0.1"`, values parsed as YAML). Raises `ConfigError` with a one-line reason."""
     source = str(path)
     file = Path(path)
@@ -370,40 +337,27 @@ def load_config(path: str | os.PathLike, cls: type[T], overrides: Sequence[str] 
     data = _parse_yaml(text, source)
     if data is None:  # an empty file is an empty mapping: every field takes its default
         data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
 
     parsed = [(item, *parse_override(item)) for item in overrides]
-    if parsed and not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level")
     for item, key, value in parsed:
         _apply_override(data, key, value, f"{source} (--set {item})")
-
-    ctx = _Context(Path(os.path.abspath(file.parent)), tuple(key for _, key, _ in parsed))
     try:
-        return _build(data, cls, ctx)
-    except _FieldError as exc:
-        related = [i for i, k, _ in parsed if _is_under(exc.key, k) or _is_under(k, exc.key)]
-        culprit = related if exc.key else []
+        return cls.model_validate(data, context={"base_dir": Path(os.path.abspath(file.parent))})
+    except ValidationError as exc:
+        key = _key(_first(exc)["loc"])
+        culprit = [i for i, k, _ in parsed if key and (_is_under(key, k) or _is_under(k, key))]
         where = f"{source} (--set {culprit[-1]})" if culprit else source
-        raise ConfigError(_format(where, exc.key, exc.message)) from None
+        raise ConfigError(f"{where}: {error_line(exc, cls)}") from None
 
 
-def config_to_dict(obj: Any) -> Any:
+def config_to_dict(obj: BaseModel) -> Any:
     """A config as plain JSON/YAML-ready data: Paths become str, tuples lists, enums values."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        fields = [f.name for f in dataclasses.fields(obj) if f.init]
-        return {name: config_to_dict(getattr(obj, name)) for name in fields}
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, enum.Enum):
-        return config_to_dict(obj.value)
-    if isinstance(obj, (list, tuple)):
-        return [config_to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {str(k): config_to_dict(v) for k, v in obj.items()}
-    return obj
+    return obj.model_dump(mode="json")
 
 
-def dump_config(obj: Any, path: str | os.PathLike) -> None:
+def dump_config(obj: BaseModel, path: str | os.PathLike) -> None:
     """Write a config as YAML, atomically; `load_config` reads it back to an equal object."""
     text = yaml.safe_dump(config_to_dict(obj), sort_keys=False, allow_unicode=True)
     atomic_write_text(path, text)

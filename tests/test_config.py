@@ -2,13 +2,14 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import pytest
+from pydantic import Field, field_validator, model_validator
 
 from facekd.config import (
+    ConfigModel,
     ExistingPath,
     OutputPath,
     config_from_dict,
@@ -24,35 +25,39 @@ class Device(enum.Enum):
     CUDA = "cuda"
 
 
-@dataclass
-class Data:
+class Data(ConfigModel):
     labeled: ExistingPath
-    image_size: tuple[int, int] = (112, 112)
-    unlabeled: list[ExistingPath] = field(default_factory=list)
-    cache: Optional[Path] = None
+    image_size: Annotated[tuple[int, int], Field(strict=False)] = (112, 112)
+    unlabeled: list[ExistingPath] = []
+    cache: Optional[OutputPath] = None
 
 
-@dataclass
-class Train:
+class Train(ConfigModel):
     lr: float = 0.1
     epochs: int = 1
     loss: Literal["mse", "plcc"] = "mse"
-    milestones: tuple[int, ...] = ()
-    weights: dict[str, float] = field(default_factory=dict)
+    milestones: Annotated[tuple[int, ...], Field(strict=False)] = ()
+    weights: dict[str, float] = {}
     amp: bool = False
-    device: Device = Device.CPU
+    device: Annotated[Device, Field(strict=False)] = Device.CPU
 
-    def validate(self) -> None:
-        if self.lr <= 0:
-            raise ValueError("lr: must be > 0")
+    @field_validator("lr")
+    @classmethod
+    def _positive(cls, lr: float) -> float:
+        if lr <= 0:
+            raise ValueError("must be > 0")
+        return lr
+
+    @model_validator(mode="after")
+    def _not_too_long(self) -> "Train":
         if self.epochs > 1000:
             raise ValueError("too many epochs for one run")
+        return self
 
 
-@dataclass
-class Demo:
+class Demo(ConfigModel):
     data: Data
-    train: Train = field(default_factory=Train)
+    train: Train = Train()
     out: OutputPath = Path("runs/demo")
     name: str | None = None
 
@@ -261,11 +266,10 @@ def test_config_from_dict_source_and_base_dir(tmp_path):
     assert str(info.value) == "job: train.lr: expected float, got 'x'"
 
 
-@dataclass
-class BadUnion:
-    value: int | str = 0
-
-
-def test_unsupported_union_is_a_developer_error():
-    with pytest.raises(TypeError, match="only `X | None` unions"):
-        config_from_dict({}, BadUnion)
+def test_models_built_in_python_raise_the_same_errors(workdir):
+    with pytest.raises(ConfigError, match=r"^lr: must be > 0$"):
+        Train(lr=0)
+    train = Train()
+    with pytest.raises(ConfigError, match=r"^epochs: expected int, got 'x'$"):
+        train.epochs = "x"
+    assert train.epochs == 1

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from facekd.config import ConfigModel, config_from_dict
 from facekd.engine import (DeterministicBatchSampler, LRSchedule, TrainConfig, Trainer, freeze, load_checkpoint,
                            sample_rng, seed_everything)
 from facekd.errors import ConfigError, DataError, FacekdError
@@ -70,16 +71,20 @@ def states_equal(a: dict, b: dict) -> bool:
     ("lr", "0.1"), ("epochs", 2.5), ("channels_last", 1), ("max_steps", 0), ("gamma", 0.0),
 ])
 def test_validate_names_the_bad_field(field, value):
-    with pytest.raises(ValueError, match=rf"^{field}: "):
-        config(**{field: value}).validate()
+    with pytest.raises(ConfigError, match=rf"^{field}: "):
+        config(**{field: value})
     with pytest.raises(ConfigError, match=rf"train\.{field}: "):
-        Trainer(config(**{field: value}), "unused")
+        config_from_dict({"train": {field: value}}, Stage)
+
+
+class Stage(ConfigModel):
+    train: TrainConfig
 
 
 def test_nesterov_needs_sgd_with_momentum():
-    with pytest.raises(ValueError, match="^nesterov: "):
-        config(optimizer="adamw", nesterov=True).validate()
-    config(momentum=0.9, nesterov=True).validate()
+    with pytest.raises(ConfigError, match="^nesterov: "):
+        config(optimizer="adamw", nesterov=True)
+    config(momentum=0.9, nesterov=True)
 
 
 def test_schedule_warmup_then_cosine():

@@ -59,14 +59,16 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Optional, Union
+from typing import Annotated, Any, Callable, Iterable, Iterator, Literal, Mapping, Optional, Union
 
 import torch
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from facekd.config import ConfigModel
 from facekd.engine.checkpoint import (config_differences, config_fingerprint, load_checkpoint, preserved_rng,
                                       rng_state, save_checkpoint, set_rng_state)
 from facekd.engine.distributed import (BatchSampler, DeterministicBatchSampler, _EpochDataset,
@@ -97,121 +99,57 @@ def is_frozen(module: nn.Module) -> bool:
 
 # ----------------------------------------------------------------------------- config
 
-_CHOICES = {
-    "optimizer": ("sgd", "adamw"),
-    "schedule": ("cosine", "poly", "steps", "constant"),
-    "precision": ("32", "bf16-mixed", "16-mixed"),
-    "accelerator": ("auto", "cpu", "cuda"),
-    "strategy": ("auto", "ddp"),
-}
-
-
-@dataclass
-class TrainConfig:
+class TrainConfig(ConfigModel):
     """Settings of one training stage. Epoch-valued settings (warmup_epochs, milestones) are
     converted to optimizer steps; `batch_size` is per process and per micro-batch, so the
     global batch is batch_size × devices × num_nodes × accumulate_grad_batches."""
 
-    epochs: int = 10
-    max_steps: Optional[int] = None  # if set, overrides epochs: train this many optimizer steps
-    batch_size: int = 64
+    epochs: int = Field(10, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1)  # if set, overrides epochs: train this many optimizer steps
+    batch_size: int = Field(64, ge=1)
     optimizer: Literal["sgd", "adamw"] = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9  # SGD only
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)  # SGD only
     nesterov: bool = False  # SGD only
     schedule: Literal["cosine", "poly", "steps", "constant"] = "cosine"
-    warmup_epochs: float = 0.0
-    warmup_start_factor: float = 0.01
-    min_lr_factor: float = 0.0
-    poly_power: float = 1.0
-    milestones: list[float] = field(default_factory=list)  # epochs, for schedule='steps'
-    gamma: float = 0.1
+    warmup_epochs: float = Field(0.0, ge=0)
+    warmup_start_factor: float = Field(0.01, gt=0, le=1)
+    min_lr_factor: float = Field(0.0, ge=0, le=1)
+    poly_power: float = Field(1.0, gt=0)
+    milestones: list[Annotated[float, Field(ge=0)]] = []  # epochs, for schedule='steps'
+    gamma: float = Field(0.1, gt=0, le=1)
     precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
-    accumulate_grad_batches: int = 1
-    clip_grad_norm: Optional[float] = None
-    ema_decay: Optional[float] = None
-    eval_every_epochs: int = 1  # 0: evaluate only at the end
-    checkpoint_every_steps: int = 0  # 0: checkpoint only at epoch ends
-    log_every_steps: int = 50
-    seed: int = 0
-    num_workers: int = 0
-    devices: int = 1
+    accumulate_grad_batches: int = Field(1, ge=1)
+    clip_grad_norm: Optional[float] = Field(None, gt=0)
+    ema_decay: Optional[float] = Field(None, ge=0, lt=1)
+    eval_every_epochs: int = Field(1, ge=0)  # 0: evaluate only at the end
+    checkpoint_every_steps: int = Field(0, ge=0)  # 0: checkpoint only at epoch ends
+    log_every_steps: int = Field(50, ge=1)
+    seed: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0)
+    devices: int = Field(1, ge=1)
     accelerator: Literal["auto", "cpu", "cuda"] = "auto"
-    num_nodes: int = 1
+    num_nodes: int = Field(1, ge=1)
     strategy: Literal["auto", "ddp"] = "auto"
     channels_last: bool = False
 
-    def validate(self) -> None:
-        """Raise ValueError("field: reason") for the first bad value."""
-        for f in fields(self):
-            _check_type(f.name, getattr(self, f.name), f.type)
-        for name, allowed in _CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}: must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
-        positive_ints = ("epochs", "batch_size", "accumulate_grad_batches", "log_every_steps", "devices", "num_nodes")
-        for name in positive_ints:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every_epochs", "checkpoint_every_steps", "seed", "num_workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps: must be >= 1 or null, got {self.max_steps}")
-        for name in ("lr", "weight_decay", "momentum", "warmup_epochs", "warmup_start_factor", "min_lr_factor",
-                     "poly_power", "gamma"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name}: must be a finite number, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr: must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum: must be in [0, 1), got {self.momentum}")
-        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
-            raise ValueError("nesterov: needs optimizer 'sgd' with momentum > 0")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs: must be >= 0, got {self.warmup_epochs}")
-        if not 0 < self.warmup_start_factor <= 1:
-            raise ValueError(f"warmup_start_factor: must be in (0, 1], got {self.warmup_start_factor}")
-        if not 0 <= self.min_lr_factor <= 1:
-            raise ValueError(f"min_lr_factor: must be in [0, 1], got {self.min_lr_factor}")
-        if self.poly_power <= 0:
-            raise ValueError(f"poly_power: must be > 0, got {self.poly_power}")
-        if not 0 < self.gamma <= 1:
-            raise ValueError(f"gamma: must be in (0, 1], got {self.gamma}")
-        if any(not math.isfinite(m) or m < 0 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
-            raise ValueError(f"milestones: must be non-negative epochs in increasing order, got {self.milestones}")
-        if self.clip_grad_norm is not None and not (math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0):
-            raise ValueError(f"clip_grad_norm: must be > 0 or null, got {self.clip_grad_norm}")
-        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay: must be in [0, 1) or null, got {self.ema_decay}")
+    @field_validator("nesterov")
+    @classmethod
+    def _nesterov_needs_sgd_momentum(cls, nesterov: bool, info: ValidationInfo) -> bool:
+        if nesterov and (info.data.get("optimizer") != "sgd" or info.data.get("momentum") == 0):
+            raise ValueError("needs optimizer 'sgd' with momentum > 0")
+        return nesterov
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, milestones: list[float]) -> list[float]:
+        if milestones != sorted(milestones):
+            raise ValueError(f"must be epochs in increasing order, got {milestones}")
+        return milestones
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _check_type(name: str, value: Any, annotation: Any) -> None:
-    text = str(annotation)
-    if value is None:
-        if "Optional" not in text:
-            raise ValueError(f"{name}: must not be null")
-        return
-    if text.startswith("Literal"):
-        ok = isinstance(value, str)
-    elif "bool" in text:
-        ok = isinstance(value, bool)
-    elif "list" in text:
-        ok = isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                      for v in value)
-    elif "int" in text:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif "float" in text:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, str)
-    if not ok:
-        raise ValueError(f"{name}: wrong type {type(value).__name__} (expected {text})")
+        return self.model_dump()
 
 
 @dataclass
@@ -388,10 +326,6 @@ def launch(config: TrainConfig) -> None:
     With `devices > 1` and no external launcher, the current script is started again once
     per extra device (Fabric's subprocess launcher): every process runs the same program.
     `fit` calls this itself; calling it again is harmless."""
-    try:
-        config.validate()
-    except ValueError as exc:
-        raise ConfigError(f"train.{exc}") from None
     _start_fabric(config)
 
 
@@ -408,10 +342,6 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, out_dir: str | os.PathLike, progress: Progress | None = None,
                  extra_config: Mapping[str, Any] | None = None, tensorboard: bool | None = None):
-        try:
-            config.validate()
-        except ValueError as exc:
-            raise ConfigError(f"train.{exc}") from None
         self.config = config
         self.out_dir = Path(out_dir)
         self.progress = progress or Progress()

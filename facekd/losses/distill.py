@@ -14,15 +14,16 @@ computed in float32 whatever the autocast precision of the models.
 
 from __future__ import annotations
 
-import inspect
 import math
-from typing import Any, Iterable, Literal
+from typing import Annotated, Any, Iterable, Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 from torch import nn
 
+from facekd.config import ConfigModel, NonNegative, validated
 from facekd.engine.distributed import all_gather_with_grad
 from facekd.errors import ConfigError
 
@@ -37,14 +38,32 @@ Metrics = dict[str, torch.Tensor]
 
 # ----------------------------------------------------------------------------- helpers
 
-def _number(field: str, value: Any) -> float:
-    """`value` as a finite float, or a ConfigError naming `field`."""
-    if isinstance(value, str):
-        raise ConfigError(f"{field}: must be a number, got the text {value!r} (YAML reads 1e-3 as text: "
-                          f"write 1.0e-3)")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{field}: must be a finite number, got {value!r}")
-    return float(value)
+class _FeatureOptions(ConfigModel):
+    metric: Literal[FEATURE_METRICS]
+
+
+class _RKDOptions(ConfigModel):
+    distance_weight: NonNegative
+    angle_weight: NonNegative
+
+
+class _EKDOptions(ConfigModel):
+    levels: Annotated[tuple[Annotated[float, Field(gt=0, lt=1)], ...], Field(strict=False)]
+    temperature: float = Field(gt=0)
+    top_k: int = Field(ge=1)
+    positive_weight: NonNegative
+    negative_weight: NonNegative
+    momentum: float = Field(gt=0, le=1)
+
+    @field_validator("levels")
+    @classmethod
+    def _distinct_levels(cls, levels: tuple[float, ...]) -> tuple[float, ...]:
+        """FPR levels, highest first."""
+        if not levels:
+            raise ValueError("needs at least one FPR level")
+        if len(set(levels)) != len(levels):
+            raise ValueError(f"must be distinct, got {list(levels)}")
+        return tuple(sorted(levels, reverse=True))
 
 
 def _check_inputs(name: str, student: torch.Tensor, teacher: torch.Tensor,
@@ -86,9 +105,7 @@ class FeatureDistill(nn.Module):
 
     def __init__(self, metric: Literal["l2", "cosine"] = "l2"):
         super().__init__()
-        if metric not in FEATURE_METRICS:
-            raise ConfigError(f"feature.metric: must be one of {', '.join(FEATURE_METRICS)}, got {metric!r}")
-        self.metric = metric
+        self.metric = validated(_FeatureOptions, {"metric": metric}, "feature").metric
 
     def extra_repr(self) -> str:
         return f"metric={self.metric!r}"
@@ -141,11 +158,8 @@ class RKDDistill(nn.Module):
 
     def __init__(self, distance_weight: float = 1.0, angle_weight: float = 2.0):
         super().__init__()
-        self.distance_weight = _number("rkd.distance_weight", distance_weight)
-        self.angle_weight = _number("rkd.angle_weight", angle_weight)
-        for field, value in (("distance_weight", self.distance_weight), ("angle_weight", self.angle_weight)):
-            if value < 0:
-                raise ConfigError(f"rkd.{field}: must be >= 0, got {value!r}")
+        options = validated(_RKDOptions, {"distance_weight": distance_weight, "angle_weight": angle_weight}, "rkd")
+        self.distance_weight, self.angle_weight = options.distance_weight, options.angle_weight
 
     def extra_repr(self) -> str:
         return f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}"
@@ -191,20 +205,6 @@ class SimilarityPreserving(nn.Module):
 
 
 # ----------------------------------------------------------------------------- ekd
-
-def _check_levels(levels: Any) -> tuple[float, ...]:
-    if isinstance(levels, (str, bytes)) or not isinstance(levels, Iterable):
-        raise ConfigError(f"ekd.levels: must be a list of FPR levels in (0, 1), got {levels!r}")
-    values = [_number("ekd.levels", level) for level in levels]
-    if not values:
-        raise ConfigError("ekd.levels: needs at least one FPR level")
-    bad = [v for v in values if not 0.0 < v < 1.0]
-    if bad:
-        raise ConfigError(f"ekd.levels: every level must be in (0, 1), got {bad[0]!r}")
-    if len(set(values)) != len(values):
-        raise ConfigError(f"ekd.levels: levels must be distinct, got {values!r}")
-    return tuple(sorted(values, reverse=True))
-
 
 def ekd_threshold_indices(num_negatives: int, levels: Iterable[float]) -> list[int]:
     """0-based positions, in the negatives sorted by decreasing similarity, of each level's threshold.
@@ -259,21 +259,12 @@ class EKDLoss(nn.Module):
     def __init__(self, levels: Iterable[float] = EKD_LEVELS, temperature: float = 0.01, top_k: int = 2000,
                  positive_weight: float = 0.02, negative_weight: float = 0.01, momentum: float = 0.01):
         super().__init__()
-        self.levels = _check_levels(levels)
-        self.temperature = _number("ekd.temperature", temperature)
-        if self.temperature <= 0:
-            raise ConfigError(f"ekd.temperature: must be > 0, got {temperature!r}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ConfigError(f"ekd.top_k: must be an integer >= 1, got {top_k!r}")
-        self.top_k = top_k
-        self.positive_weight = _number("ekd.positive_weight", positive_weight)
-        self.negative_weight = _number("ekd.negative_weight", negative_weight)
-        for field, value in (("positive_weight", self.positive_weight), ("negative_weight", self.negative_weight)):
-            if value < 0:
-                raise ConfigError(f"ekd.{field}: must be >= 0, got {value!r}")
-        self.momentum = _number("ekd.momentum", momentum)
-        if not 0.0 < self.momentum <= 1.0:
-            raise ConfigError(f"ekd.momentum: must be in (0, 1], got {momentum!r}")
+        options = validated(_EKDOptions, {"levels": levels, "temperature": temperature, "top_k": top_k,
+                                          "positive_weight": positive_weight, "negative_weight": negative_weight,
+                                          "momentum": momentum}, "ekd")
+        self.levels, self.temperature, self.top_k = options.levels, options.temperature, options.top_k
+        self.positive_weight, self.negative_weight = options.positive_weight, options.negative_weight
+        self.momentum = options.momentum
         logged = [i for i, level in enumerate(self.levels) if math.isclose(level, EKD_LOGGED_LEVEL)]
         self._logged_level = logged[0] if logged else None
         self.register_buffer("student_thresholds", torch.zeros(len(self.levels)))
@@ -354,11 +345,11 @@ class EKDLoss(nn.Module):
 
 # ----------------------------------------------------------------------------- registry
 
-_LOSSES: dict[str, type[nn.Module]] = {
-    "feature": FeatureDistill,
-    "rkd": RKDDistill,
-    "similarity": SimilarityPreserving,
-    "ekd": EKDLoss,
+_LOSSES: dict[str, tuple[type[nn.Module], type[ConfigModel] | None]] = {
+    "feature": (FeatureDistill, _FeatureOptions),
+    "rkd": (RKDDistill, _RKDOptions),
+    "similarity": (SimilarityPreserving, None),
+    "ekd": (EKDLoss, _EKDOptions),
 }
 
 
@@ -368,7 +359,8 @@ def distill_options(method: str) -> tuple[str, ...]:
         return ()
     if not isinstance(method, str) or method not in _LOSSES:
         raise ConfigError(f"distill.method: unknown method {method!r}; choose one of {', '.join(DISTILL_METHODS)}")
-    return tuple(name for name in inspect.signature(_LOSSES[method].__init__).parameters if name != "self")
+    options = _LOSSES[method][1]
+    return tuple(options.model_fields) if options else ()
 
 
 def build_distill_loss(method: str, **options: Any) -> nn.Module | None:
@@ -380,4 +372,4 @@ def build_distill_loss(method: str, **options: Any) -> nn.Module | None:
         raise ConfigError(f"distill.{unknown[0]}: unknown option for method {method!r}; valid options: {choices}")
     if method == "none":
         return None
-    return _LOSSES[method](**options)
+    return _LOSSES[method][0](**options)

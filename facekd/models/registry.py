@@ -15,16 +15,19 @@ for training; `facekd.load` rebuilds with `load_pretrained=False`, so it never d
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import numbers
-from dataclasses import dataclass, field
 from collections.abc import Sequence
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Callable, Literal, Union
 
 import numpy as np
 import torch
+from pydantic import BeforeValidator, Field, PlainValidator, create_model
 from torch import nn
 
+from facekd.config import ConfigModel, validated
 from facekd.errors import ConfigError, FacekdError
 from facekd.io.images import RESIZE_MODES, Resize
 
@@ -39,73 +42,37 @@ Builder = Callable[..., "tuple[nn.Module, nn.Module]"]
 
 
 # --------------------------------------------------------------------------------------------
-# Option checks: each option name means the same thing for every architecture.
+# Option types: each option name means the same thing for every architecture.
 
 
-def _int_value(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
-        raise ConfigError(f"option {name!r} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+def _as_list(value: Any) -> Any:
+    """One integer, or a tuple of them, as a list (so `head_hidden: 128` reads [128])."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    return list(value) if isinstance(value, tuple) else value
 
 
-def _float_value(name: str, value: Any, low: float, high: float, low_open: bool = False,
-                 high_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigError(f"option {name!r} must be a number, got {value!r}")
-    value = float(value)
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    if too_low or too_high or value != value:
-        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
-        raise ConfigError(f"option {name!r} must be in {lo}{low}, {high}{hi}, got {value!r}")
-    return value
-
-
-def _int_list(name: str, value: Any, length: int | None = None, minimum: int = 1) -> list[int]:
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        value = [value]
-    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
-        raise ConfigError(f"option {name!r} must be a list of integers, got {value!r}")
-    items = [_int_value(f"{name}[{i}]", v, minimum) for i, v in enumerate(value)]
-    if length is not None and len(items) != length:
-        raise ConfigError(f"option {name!r} needs {length} integers, got {len(items)}")
-    return items
-
-
-def _bool_value(name: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ConfigError(f"option {name!r} must be true or false, got {value!r}")
-    return bool(value)
-
-
-def _choice(*allowed: str) -> Callable[[str, Any], str]:
-    def check(name: str, value: Any) -> str:
-        if value not in allowed:
-            raise ConfigError(f"option {name!r} must be one of {', '.join(allowed)}, got {value!r}")
-        return value
-    return check
-
-
-def _pretrained_value(name: str, value: Any) -> bool | str:
+def _pretrained(value: Any) -> bool | str:
     """`pretrained`: true/false (the library's own weights), or the path of a local weights file."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, str) and value.strip():
+    if isinstance(value, bool) or (isinstance(value, str) and value.strip()):
         return value
-    raise ConfigError(f"option {name!r} must be true, false or the path of a .safetensors/.pth file, got {value!r}")
+    raise ValueError(f"must be true, false or the path of a .safetensors/.pth file, got {value!r}")
 
 
-OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
-    "embedding_size": lambda n, v: _int_value(n, v),
-    "dropout": lambda n, v: _float_value(n, v, 0.0, 1.0, high_open=True),
-    "drop_path": lambda n, v: _float_value(n, v, 0.0, 1.0, high_open=True),
-    "width_mult": lambda n, v: _float_value(n, v, 0.0, 8.0, low_open=True),
-    "head_hidden": lambda n, v: _int_list(n, v),
-    "head_norm": _bool_value,
-    "blocks": lambda n, v: _int_list(n, v, length=4),
-    "head_activation": _choice("gelu", "none"),
-    "pretrained": _pretrained_value,
-    "resize": _choice(*RESIZE_MODES),
+_Fraction = Annotated[float, Field(ge=0, lt=1)]
+_Sizes = Annotated[list[Annotated[int, Field(ge=1)]], BeforeValidator(_as_list)]
+
+OPTION_TYPES: dict[str, Any] = {
+    "embedding_size": Annotated[int, Field(ge=1)],
+    "dropout": _Fraction,
+    "drop_path": _Fraction,
+    "width_mult": Annotated[float, Field(gt=0, le=8)],
+    "head_hidden": _Sizes,
+    "head_norm": bool,
+    "blocks": Annotated[_Sizes, Field(min_length=4, max_length=4)],
+    "head_activation": Literal["gelu", "none"],
+    "pretrained": Annotated[Union[bool, str], PlainValidator(_pretrained)],
+    "resize": Literal[RESIZE_MODES],
 }
 OPTION_HELP = {
     "embedding_size": "embedding dimension",
@@ -148,13 +115,19 @@ class ArchSpec:
     mean_std: dict[str, list[float]] | None = None  # None: the task's default
     fixed_input_size: bool = False
 
+    @functools.cached_property
+    def options_model(self) -> type[ConfigModel]:
+        """The model of this architecture's options: the builder's keyword-only parameters
+        (types from OPTION_TYPES, defaults from the signature) and `resize`."""
+        params = inspect.signature(self.builder).parameters
+        fields = {name: (OPTION_TYPES[name], Field(p.default, validate_default=True)) for name, p in params.items()
+                  if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        return create_model("Options", __base__=ConfigModel, **fields, resize=(OPTION_TYPES["resize"], "stretch"))
+
     @property
     def default_options(self) -> dict[str, Any]:
         """Every option this architecture accepts, with its default (JSON-able)."""
-        params = inspect.signature(self.builder).parameters
-        options = {name: OPTION_CHECKS[name](name, p.default) for name, p in params.items()
-                   if p.kind is inspect.Parameter.KEYWORD_ONLY}
-        return {**options, "resize": "stretch"}
+        return self.options_model().model_dump()
 
     @property
     def normalization(self) -> dict[str, list[float]]:
@@ -163,17 +136,13 @@ class ArchSpec:
 
     def resolve_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """Defaults updated with `options`, each checked and made JSON-able."""
-        resolved = self.default_options
-        for name, value in options.items():
-            if name not in resolved:
-                valid = ", ".join(sorted(resolved)) or "none"
-                hint = ""
-                if name == "task":
-                    hint = " (quality models are separate names, e.g. 'iresnet50_quality')"
+        known = self.options_model.model_fields
+        for name in options:
+            if name not in known:
+                hint = " (quality models are separate names, e.g. 'iresnet50_quality')" if name == "task" else ""
                 raise ConfigError(f"unknown option {name!r} for architecture {self.name!r}{hint}; "
-                                  f"valid options: {valid}")
-            resolved[name] = OPTION_CHECKS[name](name, value)
-        return resolved
+                                  f"valid options: {', '.join(sorted(known))}")
+        return validated(self.options_model, options, where="options").model_dump()
 
     def check_input_size(self, input_size: Any) -> int:
         if isinstance(input_size, bool) or not isinstance(input_size, numbers.Integral):
@@ -222,8 +191,8 @@ def check_builder(name: str, builder: Builder) -> None:
     """Every keyword-only parameter of `builder` is an option with a check and a default."""
     for pname, param in inspect.signature(builder).parameters.items():
         if param.kind is inspect.Parameter.KEYWORD_ONLY:
-            if pname not in OPTION_CHECKS:
-                raise ValueError(f"{name}: option {pname!r} has no check in OPTION_CHECKS")
+            if pname not in OPTION_TYPES:
+                raise ValueError(f"{name}: option {pname!r} has no check (add its type to OPTION_TYPES)")
             if param.default is inspect.Parameter.empty:
                 raise ValueError(f"{name}: option {pname!r} needs a default")
 
@@ -232,7 +201,7 @@ def register_arch(name: str, task: str, input_size: int, description: str, *,
                   stride: int = 32) -> Callable[[Builder], Builder]:
     """Decorator registering `builder(input_size, *, option=default, ...) -> (backbone, head)`.
 
-    Every keyword-only parameter is an option; its name must be one of `OPTION_CHECKS`."""
+    Every keyword-only parameter is an option; its name must be one of `OPTION_TYPES`."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 

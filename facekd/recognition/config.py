@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from facekd.config import ExistingPath
-from facekd.engine import TrainConfig
-from facekd.quality.config import ModelChoice
+from pydantic import Field, field_validator
+
+from facekd.config import ConfigModel, ExistingPath, NonNegative
+from facekd.quality.config import TeacherStudentConfig
 
 
-@dataclass
-class RecognitionData:
+class RecognitionData(ConfigModel):
     """`train`: an identity folder (root/<identity>/<images>) or an insightface `.rec` (or a
     folder holding `train.rec`). `eval`: verification sets, each a `pairs.txt`, a `.bin` or an
     identity folder (every pair of its images); the first one is also used during training."""
 
     train: ExistingPath
-    eval: list[ExistingPath] = field(default_factory=list)
+    eval: list[ExistingPath] = []
 
 
-@dataclass
-class MarginHead:
+class MarginHead(ConfigModel):
     """Margin softmax: ArcFace (s 64, m 0.5) or CosFace (s 64, m 0.35); None takes those defaults."""
 
     kind: Literal["arcface", "cosface"] = "arcface"
@@ -29,54 +27,40 @@ class MarginHead:
     margin: Optional[float] = None
 
 
-@dataclass
-class Sampler:
+class Sampler(ConfigModel):
     """`images_per_identity` K ≥ 2 gives balanced batches (P identities × K images, plus
     `random_fraction` of random images); 0 gives plain shuffled batches."""
 
     images_per_identity: int = 0
-    random_fraction: float = 0.0
+    random_fraction: float = Field(0.0, ge=0, lt=1)
 
-    def validate(self) -> None:
-        if self.images_per_identity == 1 or self.images_per_identity < 0:
-            raise ValueError("images_per_identity: must be 0 (plain batches) or >= 2")
-        if not 0.0 <= self.random_fraction < 1.0:
-            raise ValueError("random_fraction: must be in [0, 1)")
+    @field_validator("images_per_identity")
+    @classmethod
+    def _zero_or_two_at_least(cls, k: int) -> int:
+        if k == 1 or k < 0:
+            raise ValueError("must be 0 (plain batches) or >= 2")
+        return k
 
 
-@dataclass
-class Distill:
+class Distill(ConfigModel):
     """Distillation of `facekd recognition distill`: `method` one of none, feature, rkd,
     similarity, ekd; total loss = margin softmax + `weight` × distillation loss; `options`
     go to the method (e.g. {metric: cosine} for feature, {top_k: 2000} for ekd); `teacher` a
     recognition model file (or give --teacher)."""
 
     method: Literal["none", "feature", "rkd", "similarity", "ekd"] = "ekd"
-    weight: float = 1.0
-    options: dict[str, Any] = field(default_factory=dict)
+    weight: NonNegative = 1.0
+    options: dict[str, Any] = {}
     teacher: Optional[ExistingPath] = None
 
-    def validate(self) -> None:
-        if not self.weight >= 0:
-            raise ValueError("weight: must be >= 0")
 
-
-@dataclass
-class RecognitionConfig:
+class RecognitionConfig(TeacherStudentConfig):
     """Teacher and student models, their schedules, the head, sampler, distillation and data."""
 
-    teacher: ModelChoice
-    student: ModelChoice
-    teacher_train: TrainConfig = field(default_factory=TrainConfig)
-    student_train: TrainConfig = field(default_factory=TrainConfig)
-    head: MarginHead = field(default_factory=MarginHead)
-    sampler: Sampler = field(default_factory=Sampler)
-    distill: Distill = field(default_factory=Distill)
+    head: MarginHead = Field(default_factory=MarginHead)
+    sampler: Sampler = Field(default_factory=Sampler)
+    distill: Distill = Field(default_factory=Distill)
     data: Optional[RecognitionData] = None
-    eval_batch_size: int = 128
+    eval_batch_size: int = Field(128, ge=1)
     eval_flip: bool = True
     cache: Literal["auto", "yes", "no"] = "auto"
-
-    def validate(self) -> None:
-        if self.eval_batch_size < 1:
-            raise ValueError("eval_batch_size: must be >= 1")
