@@ -19,6 +19,7 @@ import numpy as np
 
 from facekd.errors import DataError
 from facekd.io.atomic import atomic_write_text
+from facekd.io.formats import read_text
 
 REPORT_FILE = "report.json"
 PREDICTIONS_FILE = "predictions.csv"
@@ -197,18 +198,14 @@ class TestPredictions:
     @classmethod
     def read(cls, path: Path) -> TestPredictions:
         try:
-            rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"), newline="")))
-        except (OSError, UnicodeDecodeError, csv.Error) as error:
-            raise ReportFormatError(path, f"cannot be read: {error}") from None
-        if not rows or rows[0] != ["path", "mos", "prediction"]:
-            raise ReportFormatError(path, "not a predictions file: expected the header path,mos,prediction")
-        try:
-            body = [(name, float(mos), float(pred)) for name, mos, pred in rows[1:]]
-        except ValueError as error:
-            raise ReportFormatError(path, f"a row is not path,mos,prediction ({error})") from None
-        if not body:
-            raise ReportFormatError(path, "lists no prediction")
-        names, mos, predicted = zip(*body)
+            header, *body = csv.reader(io.StringIO(read_text(path, "predictions file"), newline=""))
+            rows = [(name, float(mos), float(pred)) for name, mos, pred in body]
+        except (DataError, csv.Error, ValueError) as error:
+            raise ReportFormatError(path, error.reason if isinstance(error, DataError)
+                                    else f"not a path,mos,prediction CSV ({error})") from None
+        if header != ["path", "mos", "prediction"] or not rows:
+            raise ReportFormatError(path, "expected the header path,mos,prediction and at least one row")
+        names, mos, predicted = zip(*rows)
         return cls(list(names), np.array(mos), np.array(predicted))
 
     def finite(self) -> TestPredictions:
@@ -310,13 +307,7 @@ def write_result(result: Result, folder: Path) -> dict[str, Any]:
 def read_report_json(path: Path) -> dict[str, Any]:
     """The JSON object of a report.json; DataError when it is not readable JSON or not an object."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataError(path, "not UTF-8 text; expected a facekd report.json") from None
-    except OSError as error:
-        raise DataError(path, f"cannot be read: {error.strerror or error}") from None
-    try:
-        report = json.loads(text)
+        report = json.loads(read_text(path, "report.json"))
     except json.JSONDecodeError as error:
         raise DataError(path, f"not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
     if not isinstance(report, dict):

@@ -334,6 +334,7 @@ def test_quality_run_without_its_predictions_or_test_images_says_so(runs, tmp_pa
     rows = list(csv.reader(predictions.open()))
     predictions.write_text("\n".join(",".join([str(tmp_path / "gone" / Path(p).name), m, q]) if i else "path,mos,prediction"
                                      for i, (p, m, q) in enumerate(rows)) + "\n")
+    (tmp_path / "nocsv" / "control" / "predictions.csv").write_text("not,a\npredictions,file\n")
     text = render_report(tmp_path)
     moved = _section(text, "Quality run — moved")
     assert moved.count("predictions.csv: file not found") == 4 and "is left out of the plots" in moved
@@ -342,6 +343,7 @@ def test_quality_run_without_its_predictions_or_test_images_says_so(runs, tmp_pa
     assert older_section.count("names no predictions file (written by an older facekd)") == 4
     nocsv = _section(text, "Quality run — nocsv")
     assert "16 of the 16 test images shown could not be read" in nocsv and str(tmp_path / "gone") in nocsv
+    assert "predictions.csv: not a path,mos,prediction CSV" in nocsv and "control is left out of the plots" in nocsv
     assert len(_data_uris(nocsv, "plot")) == 2  # curves and scatter plots from the saved files
     expected = f"{report['models']['S']['srcc']:.4f}"
     for section in (moved, older_section, nocsv):
