@@ -9,6 +9,7 @@ from facekd.config import load_config
 from facekd.errors import ConfigError
 from facekd.io.formats import read_mos_csv
 from facekd.quality.config import QualityRunConfig, data_overrides
+from facekd.quality.metrics import quality_metrics
 from facekd.quality.pipeline import QualityPipeline
 from facekd.synth import generate_quality
 
@@ -50,6 +51,15 @@ def test_pipeline_runs_every_stage_and_reports(quality_data, tmp_path):
     # the student learned from labeled + both pseudo-labeled sets, the control from labeled alone
     assert report["stages"]["student"]["train_images"] == 40 + 24
     assert report["stages"]["control"]["train_images"] == 40
+    # every model's test predictions are saved, and its metrics are theirs; the report names its files
+    for row in report["models"].values():
+        files = {key: tmp_path / "run" / value for key, value in row["files"].items()}
+        assert set(files) == {"model", "predictions", "metrics"} and all(path.is_file() for path in files.values())
+        with files["predictions"].open() as handle:
+            saved = list(csv.DictReader(handle))
+        assert len(saved) == 16 and list(saved[0]) == ["path", "mos", "prediction"]
+        metrics = quality_metrics([float(r["prediction"]) for r in saved], [float(r["mos"]) for r in saved])
+        assert metrics["srcc"] == pytest.approx(row["srcc"]) and metrics["rmse"] == pytest.approx(row["rmse"])
 
 
 def test_rerun_skips_and_force_redoes_what_depends(quality_data, tmp_path):

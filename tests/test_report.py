@@ -5,6 +5,7 @@ headless Chromium draws it without a console message."""
 from __future__ import annotations
 
 import base64
+import csv
 import json
 import re
 import shutil
@@ -16,6 +17,7 @@ import cv2
 import numpy as np
 import pytest
 
+from facekd.cli import main
 from facekd.config import load_config
 from facekd.errors import ConfigError, DataError
 from facekd.evaluation.quality_edc import evaluate_edc
@@ -318,23 +320,63 @@ def test_unknown_or_damaged_reports_get_a_section_and_text_is_escaped(tmp_path):
     assert "has no &quot;pipeline&quot; key" in _section(text, "Unknown report — nokey")
 
 
-def test_quality_run_without_its_test_set_or_models_says_so(runs, tmp_path):
+def test_quality_run_without_its_predictions_or_test_images_says_so(runs, tmp_path):
     report = _report(runs / "quality")
     (tmp_path / "moved").mkdir()
-    (tmp_path / "moved" / "report.json").write_text(json.dumps(report))  # models not copied
-    report["config"]["data"]["test"] = str(tmp_path / "gone.csv")
-    (tmp_path / "nocsv").mkdir()
-    (tmp_path / "nocsv" / "report.json").write_text(json.dumps(report))
+    (tmp_path / "moved" / "report.json").write_text(json.dumps(report))  # its files not copied
+    older = json.loads(json.dumps(report))
+    for row in older["models"].values():
+        del row["files"]  # as written before the report named its files
+    (tmp_path / "older").mkdir()
+    (tmp_path / "older" / "report.json").write_text(json.dumps(older))
+    shutil.copytree(runs / "quality", tmp_path / "nocsv")
+    predictions = tmp_path / "nocsv" / "student" / "predictions.csv"
+    rows = list(csv.reader(predictions.open()))
+    predictions.write_text("\n".join(",".join([str(tmp_path / "gone" / Path(p).name), m, q]) if i else "path,mos,prediction"
+                                     for i, (p, m, q) in enumerate(rows)) + "\n")
+    (tmp_path / "nocsv" / "control" / "predictions.csv").write_text("not,a\npredictions,file\n")
     text = render_report(tmp_path)
     moved = _section(text, "Quality run — moved")
-    assert moved.count("model file unusable") == 4 and "file not found" in moved
-    assert "No train/metrics.jsonl for: T0, T1, S, control" in moved
+    assert moved.count("predictions.csv: file not found") == 4 and "is left out of the plots" in moved
+    assert moved.count("metrics.jsonl: file not found") == 4
+    older_section = _section(text, "Quality run — older")
+    assert older_section.count("names no predictions file (written by an older facekd)") == 4
     nocsv = _section(text, "Quality run — nocsv")
-    assert f"test set {tmp_path / 'gone.csv'} not found" in nocsv
+    assert "16 of the 16 test images shown could not be read" in nocsv and str(tmp_path / "gone") in nocsv
+    assert "predictions.csv: not a path,mos,prediction CSV" in nocsv and "control is left out of the plots" in nocsv
+    assert len(_data_uris(nocsv, "plot")) == 2  # curves and scatter plots from the saved files
     expected = f"{report['models']['S']['srcc']:.4f}"
-    for section in (moved, nocsv):
+    for section in (moved, older_section, nocsv):
         assert _row(_table(_tables(section), "Model"), "S")["SRCC"] == (expected, True)
         assert 'class="thumb"' not in section
+
+
+def test_report_on_a_finished_run_loads_no_model(runs, tmp_path, monkeypatch):
+    import onnxruntime
+    import torch
+
+    import facekd
+    import facekd.export.runtime
+    import facekd.models
+    import facekd.models.artifact
+    import facekd.models.predictor
+    import facekd.models.registry
+    import facekd.quality.pseudo
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("facekd report tried to load or run a model")
+
+    for owner, name in ((facekd, "load"), (facekd.models.predictor, "load"), (facekd.models.artifact, "load_model"),
+                        (facekd.models.artifact, "_open"), (facekd.models, "build_model"),
+                        (facekd.models.registry, "build_model"), (facekd.export.runtime, "load_onnx"),
+                        (facekd.quality.pseudo, "predict"), (onnxruntime, "InferenceSession"),
+                        (torch.nn.Module, "__call__")):
+        monkeypatch.setattr(owner, name, refuse)
+    out = tmp_path / "page.html"
+    assert main(["report", str(runs), "--out", str(out), "--gallery", "4"]) == 0
+    section = _section(out.read_text(encoding="utf-8"), "Quality run — quality")
+    assert len(_data_uris(section, "plot")) == 2 and len(_data_uris(section, "thumb")) == 4
+    assert "warning" not in section
 
 
 # ----------------------------------------------------------------------------- browser

@@ -11,7 +11,6 @@ with their comparisons and listed.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,9 +19,11 @@ import numpy as np
 
 from facekd.errors import ConfigError, DataError, FacekdError
 from facekd.progress import Progress
+from facekd.results import EdcReport, ResultFiles, write_result
 
 PathLike = str | os.PathLike
 EMBEDDING_NORM = "embedding norm"
+PLOT_FILE = "edc.png"
 MAX_COMPARISONS = 50_000_000
 
 
@@ -72,7 +73,6 @@ def evaluate_edc(recognizer: PathLike, qualities: Sequence[PathLike], *, pairs: 
     """EDC report of each quality model (with the random and embedding-norm baselines); with
     `out`, writes out/report.json and out/edc.png."""
     from facekd.evaluation.edc import edc_report, pair_quality, plot_edc
-    from facekd.io.atomic import atomic_write_text
     from facekd.models.artifact import load_model
     from facekd.io.decode import check_batch_size
     from facekd.quality.pseudo import predict
@@ -108,19 +108,19 @@ def evaluate_edc(recognizer: PathLike, qualities: Sequence[PathLike], *, pairs: 
     quality_by_name = {name: pair_quality(q[first], q[second]) for name, q in image_quality.items()
                        if name != EMBEDDING_NORM}
     quality_by_name[EMBEDDING_NORM] = pair_quality(norms[first], norms[second])
-    report = edc_report(scores, issame, quality_by_name, fmr=fmr, start_fnmr=start_fnmr, limits=limits)
-    report.update(pipeline="edc", recognizer=str(recognizer), quality_models=dict(zip(names, map(str, qualities))),
-                  comparisons_source=str(pairs or identities),
-                  skipped_images=[{"path": str(p), "reason": r} for p, r in errors],
-                  skipped_comparisons=int((~usable).sum()))
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        plot_edc(report, out / "edc.png", title=f"EDC — recognizer {fr_model.arch}, threshold at "
-                 + (f"FMR {fmr:g}" if start_fnmr is None else f"FNMR {start_fnmr:g}"))
-        atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-        report["plot"] = str(out / "edc.png")
-    return report
+    result = EdcReport(**edc_report(scores, issame, quality_by_name, fmr=fmr, start_fnmr=start_fnmr, limits=limits),
+                       recognizer=str(recognizer), quality_models=dict(zip(names, map(str, qualities))),
+                       comparisons_source=str(pairs or identities),
+                       skipped_images=[{"path": str(p), "reason": r} for p, r in errors],
+                       skipped_comparisons=int((~usable).sum()))
+    if out is None:
+        return result.to_dict()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result.files = ResultFiles(plot=PLOT_FILE)
+    plot_edc(result.to_dict(), out / PLOT_FILE, title=f"EDC — recognizer {fr_model.arch}, threshold at "
+             + (f"FMR {fmr:g}" if start_fnmr is None else f"FNMR {start_fnmr:g}"))
+    return {**write_result(result, out), "plot": str(out / PLOT_FILE)}
 
 
 def format_edc_table(report: dict[str, Any]):

@@ -10,8 +10,11 @@ becomes one section, chosen by its "pipeline" key:
 - "edc": pAUC table per curve and limit, EDC plot;
 - anything else: a section that says the pipeline is not known.
 
-The page needs nothing else: CSS is inline, plots are PNG and thumbnails JPEG data URIs, no
-URL is loaded and no script runs. Every text taken from a report is HTML-escaped.
+The page is drawn from the saved results alone (facekd.results: report.json, the quality
+stages' predictions.csv, metrics.jsonl, plots); no model is loaded. A file that is missing or in
+an older layout becomes a note naming it. The page needs nothing else: CSS is inline, plots are
+PNG and thumbnails JPEG data URIs, no URL is loaded and no script runs. Every text taken from a
+report is HTML-escaped.
 """
 
 from __future__ import annotations
@@ -32,20 +35,17 @@ import numpy as np
 from facekd.errors import ConfigError, DataError, FacekdError
 from facekd.plots import png_bytes
 from facekd.progress import Progress
+from facekd.results import (REPORT_FILE, RESULT_TYPES, EdcReport, QualityReport, RecognitionReport, ReportFormatError,
+                            TestPredictions, read_report_json, result_from_dict)
 
 PathLike = str | os.PathLike
 
-REPORT_FILE = "report.json"
 HTML_FILE = "report.html"
 MAX_DEPTH = 3
 THUMB_PX = 96
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PIPELINE_ORDER = {"quality": 0, "recognition": 1, "edc": 2}
-# quality report label -> stage folder (pipeline runs; `train_single` uses "teacher"/"student")
-_QUALITY_STAGE = {"T0": "t0", "T1": "t1", "S": "student", "control": "control", "teacher": "teacher",
-                  "student": "student"}
 _RECOGNITION_CURVES = ("loss", "margin_loss", "distill")
-_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 _NUMBER = re.compile(r"[-+−]?(\d[\d,]*(\.\d*)?|\.\d+)([eE][-+]?\d+)?%?|n/a")
 
 
@@ -90,30 +90,36 @@ def render_report(run_dir: PathLike, *, gallery: int = 48, progress: Progress | 
     if not paths:
         raise DataError(root, f"no facekd {REPORT_FILE} found in this folder or up to {MAX_DEPTH} "
                               "folders below it; give a quality, recognition or EDC run folder")
-    reports = [(path, _load_report(path)) for path in paths]
+    reports = [(path, read_report_json(path)) for path in paths]
     reports.sort(key=lambda item: _PIPELINE_ORDER.get(str(item[1].get("pipeline")), len(_PIPELINE_ORDER)))
 
     sections: list[_Section] = []
-    recognition: list[tuple[Path, dict[str, Any]]] = []
+    recognition: list[tuple[Path, RecognitionReport]] = []
     last_recognition = 0
-    for path, report in reports:
-        pipeline = report.get("pipeline")
+    titles = {"quality": "Quality run", "recognition": "Recognition run", "edc": "EDC"}
+    for path, data in reports:
+        pipeline = data.get("pipeline")
         where = _where(root, path)
         progress.log(f"report: {where} ({pipeline})")
-        if pipeline == "quality":
-            sections.append(_guarded(path, f"Quality run — {where}",
-                                     lambda: _quality_section(path, report, gallery, progress)))
-        elif pipeline == "recognition":
-            recognition.append((path, report))
-            sections.append(_guarded(path, f"Recognition run — {where}", lambda: _recognition_section(path, report)))
+        if pipeline not in RESULT_TYPES:
+            sections.append(_Section(f"Unknown report — {where}", _unknown_section(path, data)))
+            continue
+        title = f"{titles[pipeline]} — {where}"
+        try:
+            result = result_from_dict(data, path)
+        except ReportFormatError as error:
+            sections.append(_Section(title, _format_note(error)))
+            continue
+        if isinstance(result, QualityReport):
+            sections.append(_guarded(title, lambda: _quality_section(path, result, gallery, progress)))
+        elif isinstance(result, RecognitionReport):
+            recognition.append((path, result))
+            sections.append(_guarded(title, lambda: _recognition_section(path, result)))
             last_recognition = len(sections)
-        elif pipeline == "edc":
-            sections.append(_guarded(path, f"EDC — {where}", lambda: _edc_section(path, report)))
         else:
-            sections.append(_Section(f"Unknown report — {where}", _unknown_section(path, report)))
+            sections.append(_guarded(title, lambda: _edc_section(path, result)))
     if len(recognition) >= 2:
-        sections.insert(last_recognition, _guarded(root, "Recognition runs compared",
-                                                   lambda: _recognition_comparison(recognition)))
+        sections.insert(last_recognition, _Section("Recognition runs compared", _recognition_comparison(recognition)))
     return _page(root, sections, len(reports))
 
 
@@ -139,30 +145,13 @@ def _check_gallery(gallery: object) -> int:
     return int(gallery)
 
 
-def _load_report(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataError(path, "not UTF-8 text; expected a facekd report.json") from None
-    except OSError as error:
-        raise DataError(path, f"cannot be read: {error.strerror or error}") from None
-    try:
-        report = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DataError(path, f"not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
-    if not isinstance(report, dict):
-        kind = _JSON_TYPES.get(type(report), type(report).__name__)
-        raise DataError(path, f"not a facekd report: a JSON {kind}, expected an object")
-    return report
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]] | None:
-    """The records of a trainer's metrics.jsonl (None when the file is missing); lines that do
-    not parse (a run killed while writing) are left out."""
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a trainer's metrics.jsonl; lines that do not parse (a run killed while
+    writing) are left out."""
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
+    except OSError as error:
+        raise ReportFormatError(path, f"cannot be read: {error.strerror or error}") from None
     records = []
     for line in text.splitlines():
         try:
@@ -187,12 +176,14 @@ def _series(records: Iterable[Mapping[str, Any]], event: str, key: str) -> tuple
     return np.asarray(steps), np.asarray(values)
 
 
-def _png_file(path: Path) -> bytes | None:
+def _png_file(path: Path) -> bytes:
     try:
         data = path.read_bytes()
-    except OSError:
-        return None
-    return data if data.startswith(PNG_SIGNATURE) else None
+    except OSError as error:
+        raise ReportFormatError(path, f"cannot be read: {error.strerror or error}") from None
+    if not data.startswith(PNG_SIGNATURE):
+        raise ReportFormatError(path, "not a PNG file")
+    return data
 
 
 def _where(root: Path, path: Path) -> str:
@@ -303,15 +294,25 @@ class _Section:
     body: str
 
 
-def _guarded(path: Path, title: str, render: Callable[[], str]) -> _Section:
-    """A section, or one saying why it could not be drawn when the report lacks a key or has a
-    value of an unexpected type (an older or damaged report): one bad report spoils no other."""
+def _format_note(error: ReportFormatError, consequence: str = "it is left out") -> str:
+    return _note(f"{error}; {consequence}.", "warning")
+
+
+def _guarded(title: str, render: Callable[[], str]) -> _Section:
+    """A section, or one saying which result file it could not use and why (a missing file or
+    an older layout): one bad report spoils no other. Any other error is a bug and propagates."""
     try:
         return _Section(title, render())
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
-        detail = f"missing key {error}" if isinstance(error, KeyError) else f"{type(error).__name__}: {error}"
-        return _Section(title, _note(f"{path}: this report.json does not have the layout this facekd version "
-                                     f"expects ({detail}); it is left out.", "warning"))
+    except ReportFormatError as error:
+        return _Section(title, _format_note(error))
+
+
+def _part(render: Callable[[], str], consequence: str) -> str:
+    """A part of a section, or a note naming the result file it could not use."""
+    try:
+        return render()
+    except ReportFormatError as error:
+        return _format_note(error, consequence)
 
 
 def _unknown_section(path: Path, report: Mapping[str, Any]) -> str:
@@ -325,80 +326,73 @@ def _unknown_section(path: Path, report: Mapping[str, Any]) -> str:
 # --- quality
 
 
-def _quality_model_path(run: Path, report: Mapping[str, Any], label: str) -> Path:
-    stage = _QUALITY_STAGE.get(label, label.lower())
-    stage_info = (report.get("stages") or {}).get(stage) or {}
-    relative = (stage_info.get("outputs") or {}).get("model") or f"{stage}/model.safetensors"
-    return run / relative
-
-
-def _quality_section(path: Path, report: Mapping[str, Any], gallery: int, progress: Progress) -> str:
-    run = path.parent
-    models: Mapping[str, Mapping[str, Any]] = report.get("models") or {}
+def _quality_section(path: Path, report: QualityReport, gallery: int, progress: Progress) -> str:
     parts = [_quality_models_table(report)]
-    stages = report.get("stages") or {}
-    if stages:
+    if report.stages:
         parts.append("<h3>Stages</h3>")
         rows = []
-        for name, stage in stages.items():
-            pseudo = stage.get("images")
-            rows.append((name, "skipped (up to date)" if stage.get("skipped") else "ran",
-                         _fmt(stage.get("train_images"), "d") if stage.get("train_images") is not None else "",
-                         _fmt(pseudo, "d") if pseudo is not None else "",
-                         _fmt(stage.get("steps"), "d") if stage.get("steps") is not None else "",
-                         _fmt(len(stage.get("skipped_images") or []), "d")))
+        for name, stage in report.stages.items():
+            info = stage.info
+            rows.append((name, "skipped (up to date)" if stage.skipped else "ran",
+                         *[_fmt(info.get(key), "d") if info.get(key) is not None else ""
+                           for key in ("train_images", "images", "steps")],
+                         _fmt(len(info.get("skipped_images") or []), "d")))
         parts.append(_table(["Stage", "Status", "Training images", "Pseudo-labels", "Steps", "Unreadable files"],
                             rows, text_columns=2))
 
     parts.append("<h3>Training curves</h3>")
-    curves = {label: _read_metrics(_quality_model_path(run, report, label).parent / "train" / "metrics.jsonl")
-              for label in models}
+    curves, notes = {}, []
+    for label, row in report.models.items():
+        try:
+            curves[label] = _read_metrics(row.files.locate("metrics", path))
+        except ReportFormatError as error:
+            notes.append(_format_note(error, f"no training curves of {label}"))
+    parts += notes
     parts.append(_quality_curves(curves))
 
     parts.append("<h3>Test set: predicted vs true MOS</h3>")
-    predictions, notes = _quality_predictions(run, report, progress)
-    parts += [_note(text, "warning") for text in notes]
+    predictions = {}
+    for label, row in report.models.items():
+        try:
+            predictions[label] = TestPredictions.read(row.files.locate("predictions", path)).finite()
+        except ReportFormatError as error:
+            parts.append(_format_note(error, f"{label} is left out of the plots"))
     if predictions:
-        parts.append(_quality_scatter(predictions, models))
+        parts.append(_quality_scatter(predictions, report))
         if gallery > 0:
-            parts.append(_quality_gallery(predictions, gallery))
+            parts.append(_quality_gallery(path, report, predictions, gallery, progress))
     return "".join(parts)
 
 
-def _quality_models_table(report: Mapping[str, Any]) -> str:
-    models: Mapping[str, Mapping[str, Any]] = report.get("models") or {}
-    if not models:
+def _quality_models_table(report: QualityReport) -> str:
+    if not report.models:
         return _note("This quality report lists no model.", "warning")
-    rows = [(label, row.get("arch", "?"), _fmt(row.get("input_size"), "d"), _fmt(row.get("srcc")),
-             _fmt(row.get("plcc")), _fmt(row.get("plcc_logistic")), _fmt(row.get("krcc")), _fmt(row.get("rmse")),
-             _fmt(row.get("score")), _fmt(row.get("params"), ".3f", 1e6), _fmt(row.get("gflops")),
-             _fmt(row.get("cpu_ms_per_image"), ".2f"))
-            for label, row in models.items()]
+    rows = [(label, row.arch, _fmt(row.input_size, "d"),
+             *[_fmt(row.metrics.get(key)) for key in ("srcc", "plcc", "plcc_logistic", "krcc", "rmse", "score")],
+             _fmt(row.cost.params, ".3f", 1e6), _fmt(row.cost.gflops), _fmt(row.cost.cpu_ms_per_image, ".2f"))
+            for label, row in report.models.items()]
     table = _table(["Model", "Arch", "Input", "SRCC", "PLCC", "PLCC (logistic)", "KRCC", "RMSE", "(SRCC+PLCC)/2",
                     "Params M", "GFLOPs", "CPU ms/img"], rows, text_columns=2,
                    caption="Test set metrics, size and speed (GFLOPs = multiply-adds, CPU latency at batch 1)")
-    limit = report.get("challenge_limit")
+    limit = report.challenge_limit
     if limit:
-        within = bool(limit.get("within"))
-        text = (f"Student {'within' if within else 'OUTSIDE'} the challenge limit "
-                f"(≤ {_fmt(limit.get('max_gflops'), 'g')} GFLOPs, ≤ {_fmt(limit.get('max_params'), 'g', 1e6)} M params): "
-                f"{_fmt(limit.get('gflops'), '.4f')} GFLOPs, {_fmt(limit.get('params'), '.3f', 1e6)} M params.")
-        table += _note(text, "ok" if within else "warning")
+        text = (f"Student {'within' if limit.within else 'OUTSIDE'} the challenge limit "
+                f"(≤ {_fmt(limit.max_gflops, 'g')} GFLOPs, ≤ {_fmt(limit.max_params, 'g', 1e6)} M params): "
+                f"{_fmt(limit.gflops, '.4f')} GFLOPs, {_fmt(limit.params, '.3f', 1e6)} M params.")
+        table += _note(text, "ok" if limit.within else "warning")
     return table
 
 
-def _quality_curves(curves: Mapping[str, list[dict[str, Any]] | None]) -> str:
-    missing = [label for label, records in curves.items() if records is None]
-    notes = _note(f"No train/metrics.jsonl for: {', '.join(missing)}.", "warning") if missing else ""
+def _quality_curves(curves: Mapping[str, list[dict[str, Any]]]) -> str:
     panels = []
     for title, ylabel, event, key in (("Training loss", "loss", "train", "loss"),
                                       ("Test SRCC at evaluation", "SRCC", "eval", "srcc")):
-        lines = {label: _series(records or [], event, key) for label, records in curves.items()}
+        lines = {label: _series(records, event, key) for label, records in curves.items()}
         lines = {label: line for label, line in lines.items() if len(line[0])}
         if lines:
             panels.append((title, ylabel, lines))
     if not panels:
-        return notes + _note("No training metrics were logged.")
+        return _note("No training metrics were logged.")
     figure = _figure(5.5 * len(panels) + 0.3, 3.6)
     for axes, (title, ylabel, lines) in zip(np.atleast_1d(figure.subplots(1, len(panels))), panels):
         for label, (steps, values) in lines.items():
@@ -409,77 +403,10 @@ def _quality_curves(curves: Mapping[str, list[dict[str, Any]] | None]) -> str:
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
     alt = " and ".join(title.lower() for title, _, _ in panels) + " against step"
-    return notes + _img(png_bytes(figure), "image/png", alt)
+    return _img(png_bytes(figure), "image/png", alt)
 
 
-@dataclass
-class _Predictions:
-    predicted: np.ndarray  # (K,) the model's scores of the readable test images
-    mos: np.ndarray  # (K,) their true MOS
-    images: np.ndarray  # (K, S, S, 3) RGB uint8 at the model's input size
-    names: list[str]  # their file names
-
-
-def _resolve_test_csv(run: Path, value: object) -> Path | None:
-    if not value:
-        return None
-    path = Path(str(value))
-    if path.is_file():
-        return path
-    if not path.is_absolute() and (run / path).is_file():
-        return run / path
-    return None
-
-
-def _quality_predictions(run: Path, report: Mapping[str, Any],
-                         progress: Progress) -> tuple[dict[str, _Predictions], list[str]]:
-    """Each model's predictions on the test set named in the run's config, with notes on what
-    could not be done (a missing test set or model file)."""
-    from facekd.models.artifact import load_model
-    from facekd.io.decode import load_images
-    from facekd.quality.data import from_csv
-    from facekd.quality.pseudo import predict
-
-    data = (report.get("config") or {}).get("data") or {}
-    test = data.get("test") if isinstance(data, Mapping) else None
-    csv_path = _resolve_test_csv(run, test)
-    if csv_path is None:
-        where = f"test set {test} not found" if test else "the run's config names no test set"
-        return {}, [f"{where}: no scatter plots or gallery."]
-    try:
-        samples = from_csv(csv_path)
-    except FacekdError as error:
-        return {}, [f"test set unusable ({error}): no scatter plots or gallery."]
-    if not samples:
-        return {}, [f"test set {csv_path} lists no image: no scatter plots or gallery."]
-    mos = np.array([sample.mos for sample in samples], dtype=np.float64)
-    decoded: dict = {}  # Resize -> load_images result
-    predictions: dict[str, _Predictions] = {}
-    notes: list[str] = []
-    for label in report.get("models") or {}:
-        model_path = _quality_model_path(run, report, label)
-        try:
-            model = load_model(model_path)
-        except FacekdError as error:
-            notes.append(f"{label}: model file unusable ({error}); it is left out of the plots.")
-            continue
-        geometry = model.geometry
-        if geometry not in decoded:
-            decoded[geometry] = load_images([sample.path for sample in samples], geometry, progress)
-            if decoded[geometry][2]:
-                notes.append(f"{len(decoded[geometry][2])} of {len(samples)} test images could not be read "
-                             f"at {geometry.size}px and are left out.")
-        images, kept, _ = decoded[geometry]
-        if not len(kept):
-            notes.append(f"{label}: no readable test image.")
-            continue
-        predicted = predict(model, images, progress=progress).astype(np.float64)
-        predictions[label] = _Predictions(predicted, mos[kept], images,
-                                          [Path(samples[i].path).name for i in kept])
-    return predictions, notes
-
-
-def _quality_scatter(predictions: Mapping[str, _Predictions], models: Mapping[str, Mapping[str, Any]]) -> str:
+def _quality_scatter(predictions: Mapping[str, TestPredictions], report: QualityReport) -> str:
     count = len(predictions)
     columns = min(count, 4)
     rows = math.ceil(count / columns)
@@ -490,8 +417,8 @@ def _quality_scatter(predictions: Mapping[str, _Predictions], models: Mapping[st
         low = float(min(result.mos.min(), result.predicted.min()))
         high = float(max(result.mos.max(), result.predicted.max()))
         axes.plot([low, high], [low, high], color="0.6", linestyle="--", linewidth=1)
-        srcc = _fmt((models.get(label) or {}).get("srcc"))
-        axes.set_title(f"{label}: SRCC {srcc}, n={len(result.mos)}", fontsize=10)
+        axes.set_title(f"{label}: SRCC {_fmt(report.models[label].metrics.get('srcc'))}, n={len(result.mos)}",
+                       fontsize=10)
         axes.set_xlabel("true MOS")
         axes.set_ylabel("predicted")
         axes.grid(alpha=0.3)
@@ -509,61 +436,61 @@ def _spread(count: int, wanted: int) -> np.ndarray:
     return np.round(np.linspace(0, count - 1, wanted)).astype(np.int64)
 
 
-def _quality_gallery(predictions: Mapping[str, _Predictions], gallery: int) -> str:
+def _quality_gallery(path: Path, report: QualityReport, predictions: Mapping[str, TestPredictions], gallery: int,
+                     progress: Progress) -> str:
+    """Thumbnails of the test images listed in the student's (else the last model's) predictions,
+    evenly spread from the worst predicted to the best."""
+    from facekd.io.decode import load_images
+
     label = "S" if "S" in predictions else list(predictions)[-1]
     result = predictions[label]
     order = np.argsort(result.predicted, kind="stable")  # worst (lowest predicted MOS) first
     ranks = _spread(len(order), gallery)
     picks = order[ranks]
+    files = [Path(result.paths[i]) if Path(result.paths[i]).is_absolute() else path.parent / result.paths[i]
+             for i in picks]
+    images, kept, errors = load_images(files, report.models[label].input_size, progress)
     cells = []
-    for rank, index in zip(ranks, picks):
-        jpeg, width, height = _jpeg_bytes(result.images[index])
+    for image, at in zip(images, kept):
+        rank, index = ranks[at], picks[at]
+        jpeg, width, height = _jpeg_bytes(image)
         caption = f"{_e(f'pred {result.predicted[index]:.3f}')}<br>{_e(f'MOS {result.mos[index]:.3f}')}"
-        alt = f"{result.names[index]} ({rank + 1} of {len(order)})"
+        alt = f"{files[at].name} ({rank + 1} of {len(order)})"
         cells.append(f'<figure>{_img(jpeg, "image/jpeg", alt, "thumb", f" width={width} height={height}")}'
                      f'<figcaption>{caption}</figcaption></figure>')
     heading = (f"Test images by {label}'s predicted quality, worst to best "
                f"({len(picks)} of {len(order)}{', evenly spread' if len(picks) < len(order) else ''})")
-    return f'<h3>{_e(heading)}</h3><div class="gallery">{"".join(cells)}</div>'
+    notes = (_note(f"{len(errors)} of the {len(picks)} test images shown could not be read (e.g. {errors[0][0]}: "
+                   f"{errors[0][1]}) and are left out.", "warning") if errors else "")
+    return f'<h3>{_e(heading)}</h3>{notes}<div class="gallery">{"".join(cells)}</div>'
 
 
 # --- recognition
 
 
-def _recognition_arch(report: Mapping[str, Any]) -> str:
-    role = report.get("role")
-    choice = ((report.get("config") or {}).get(role) or {}) if role in ("teacher", "student") else {}
-    return str(choice.get("arch", "?"))
-
-
-def _recognition_section(path: Path, report: Mapping[str, Any]) -> str:
-    run = path.parent
-    cost = report.get("cost") or {}
-    teacher = report.get("teacher") or {}
-    facts = [("Role", report.get("role", "?")), ("Architecture", _recognition_arch(report)),
-             ("Distillation", report.get("method", "?"))]
+def _recognition_section(path: Path, report: RecognitionReport) -> str:
+    cost, teacher = report.cost, report.teacher
+    facts = [("Role", report.role), ("Architecture", report.arch), ("Distillation", report.method)]
     if teacher:
         facts.append(("Teacher", f"{teacher.get('arch', '?')} ({teacher.get('path', '?')})"))
-    facts += [("Training steps", _fmt(report.get("steps"), "d")),
-              ("Training images", _fmt(report.get("train_images"), "d")), ("Identities", _fmt(report.get("identities"), "d")),
-              ("Unreadable training images", _fmt(len(report.get("skipped_images") or []), "d")),
-              ("Precision", report.get("precision", "?")),
-              ("Params (M)", _fmt(cost.get("params"), ".3f", 1e6)), ("GFLOPs", _fmt(cost.get("gflops"))),
-              ("CPU ms/img", _fmt(cost.get("cpu_ms_per_image"), ".2f"))]
+    facts += [("Training steps", _fmt(report.steps, "d")), ("Training images", _fmt(report.train_images, "d")),
+              ("Identities", _fmt(report.identities, "d")),
+              ("Unreadable training images", _fmt(len(report.skipped_images), "d")), ("Precision", report.precision),
+              ("Params (M)", _fmt(cost and cost.params, ".3f", 1e6)), ("GFLOPs", _fmt(cost and cost.gflops)),
+              ("CPU ms/img", _fmt(cost and cost.cpu_ms_per_image, ".2f"))]
     parts = [_facts(facts)]
 
-    evaluation: Mapping[str, Mapping[str, Any]] = report.get("eval") or {}
     parts.append("<h3>Verification</h3>")
-    if not evaluation:
+    if not report.eval:
         parts.append(_note("No evaluation set was given to this run."))
     else:
         rows = [(name, _fmt(res.get("pairs"), "d"), _fmt(res.get("positives"), "d"), _fmt(res.get("negatives"), "d"),
                  _fmt(res.get("accuracy")), _fmt(res.get("accuracy_std")), _fmt(res.get("auc")), _fmt(res.get("eer")))
-                for name, res in evaluation.items()]
+                for name, res in report.eval.items()]
         parts.append(_table(["Set", "Pairs", "Positives", "Negatives", "Accuracy (10-fold)", "± std", "AUC", "EER"],
                             rows))
         tables = []
-        for name, res in evaluation.items():
+        for name, res in report.eval.items():
             tpr_rows = [(f"{entry['fpr_level']:.0e}",
                          _fmt(entry.get("tpr") if entry.get("supported") else None),
                          _fmt(entry.get("threshold") if entry.get("supported") else None),
@@ -574,14 +501,13 @@ def _recognition_section(path: Path, report: Mapping[str, Any]) -> str:
                                  caption=f"{name}: TPR at fixed FPR (n/a: too few impostor pairs for the level)"))
         parts.append(f'<div class="side">{"".join(tables)}</div>')
 
+    files = report.files
     parts.append("<h3>Training curves</h3>")
-    records = _read_metrics(run / "train" / "metrics.jsonl")
-    parts.append(_note("No train/metrics.jsonl in this run.", "warning") if records is None
-                 else _recognition_curves(records))
+    parts.append(_part(lambda: _recognition_curves(_read_metrics(files.locate("metrics", path))),
+                       "no training curves"))
     parts.append("<h3>ROC</h3>")
-    roc = _png_file(run / "roc.png")
-    parts.append(_img(roc, "image/png", "ROC curves", "plot roc") if roc
-                 else _note("roc.png not found (or not a PNG) in this run.", "warning"))
+    parts.append(_part(lambda: _img(_png_file(files.locate("plot", path)), "image/png", "ROC curves", "plot roc"),
+                       "no ROC plot"))
     return "".join(parts)
 
 
@@ -599,11 +525,10 @@ def _recognition_curves(records: list[dict[str, Any]]) -> str:
     return _img(png_bytes(figure), "image/png", "training losses against step: " + ", ".join(series))
 
 
-def _recognition_comparison(runs: Sequence[tuple[Path, Mapping[str, Any]]]) -> str:
+def _recognition_comparison(runs: Sequence[tuple[Path, RecognitionReport]]) -> str:
     firsts = []
     for path, report in runs:
-        evaluation = report.get("eval") or {}
-        name, result = next(iter(evaluation.items()), (None, None))
+        name, result = next(iter((report.eval or {}).items()), (None, None))
         firsts.append((path.parent.name, report, name, result or {}))
     levels = sorted({entry["fpr_level"] for *_, result in firsts for entry in result.get("tpr_at_fpr") or []
                      if entry.get("supported")}, reverse=True)
@@ -614,11 +539,11 @@ def _recognition_comparison(runs: Sequence[tuple[Path, Mapping[str, Any]]]) -> s
         by_level = {entry["fpr_level"]: entry for entry in result.get("tpr_at_fpr") or []}
         tprs = [_fmt(by_level[level].get("tpr")) if level in by_level and by_level[level].get("supported") else "n/a"
                 for level in levels]
-        cost = report.get("cost") or {}
-        rows.append((label, report.get("role", "?"), report.get("method", "?"), _recognition_arch(report),
-                     set_name or "none", *tprs, _fmt(result.get("auc")), _fmt(result.get("eer")),
-                     _fmt(result.get("accuracy")), _fmt(cost.get("params"), ".3f", 1e6), _fmt(cost.get("gflops")),
-                     _fmt(cost.get("cpu_ms_per_image"), ".2f")))
+        cost = report.cost
+        rows.append((label, report.role, report.method, report.arch, set_name or "none", *tprs,
+                     _fmt(result.get("auc")), _fmt(result.get("eer")), _fmt(result.get("accuracy")),
+                     _fmt(cost and cost.params, ".3f", 1e6), _fmt(cost and cost.gflops),
+                     _fmt(cost and cost.cpu_ms_per_image, ".2f")))
     return _table(headers, rows, text_columns=5,
                   caption="First evaluation set of each run; TPR columns at the FPR levels some run supports")
 
@@ -626,28 +551,24 @@ def _recognition_comparison(runs: Sequence[tuple[Path, Mapping[str, Any]]]) -> s
 # --- EDC
 
 
-def _edc_section(path: Path, report: Mapping[str, Any]) -> str:
-    run = path.parent
-    rule = report.get("threshold_rule")
-    target = (f"FMR {_fmt(report.get('fmr_target'), 'g')}" if rule == "fmr"
-              else f"FNMR {_fmt(report.get('fnmr_target'), 'g')}" if rule == "start_fnmr" else str(rule))
-    qualities = report.get("quality_models") or {}
-    facts = [("Recognizer", report.get("recognizer", "?")),
-             *[(f"Quality model “{name}”", model) for name, model in qualities.items()],
-             ("Comparisons", _fmt(report.get("comparisons"), "d")), ("Genuine", _fmt(report.get("genuine"), "d")),
-             ("Impostor", _fmt(report.get("impostor"), "d")), ("Threshold set at", target),
-             ("Threshold", _fmt(report.get("threshold"))), ("Achieved FMR", _fmt(report.get("fmr"), ".2e")),
-             ("Starting FNMR", _fmt(report.get("start_fnmr")))]
-    if "skipped_images" in report:
-        facts.append(("Unreadable images", _fmt(len(report.get("skipped_images") or []), "d")))
+def _edc_section(path: Path, report: EdcReport) -> str:
+    rule = report.threshold_rule
+    target = (f"FMR {_fmt(report.fmr_target, 'g')}" if rule == "fmr"
+              else f"FNMR {_fmt(report.fnmr_target, 'g')}" if rule == "start_fnmr" else str(rule))
+    facts = [("Recognizer", report.recognizer),
+             *[(f"Quality model “{name}”", model) for name, model in report.quality_models.items()],
+             ("Comparisons", _fmt(report.comparisons, "d")), ("Genuine", _fmt(report.genuine, "d")),
+             ("Impostor", _fmt(report.impostor, "d")), ("Threshold set at", target),
+             ("Threshold", _fmt(report.threshold)), ("Achieved FMR", _fmt(report.fmr, ".2e")),
+             ("Starting FNMR", _fmt(report.start_fnmr)),
+             ("Unreadable images", _fmt(len(report.skipped_images), "d"))]
     parts = [_facts(facts), "<h3>Partial area under the EDC (lower is better)</h3>"]
-    limits = [float(limit) for limit in report["limits"]]
-    curves = {**report["qualities"], "random": report["random"], "theoretical best": report["theoretical_best"]}
+    limits = [float(limit) for limit in report.limits]
     headers = ["Curve"]
     for limit in limits:
         headers += [f"pAUC @{limit:g}", f"÷ no discard @{limit:g}", f"− best @{limit:g}"]
     rows = []
-    for name, entry in curves.items():
+    for name, entry in report.curves().items():
         cells: list[str] = [name]
         for limit in limits:
             summary = entry["pauc"][str(float(limit))]
@@ -656,9 +577,8 @@ def _edc_section(path: Path, report: Mapping[str, Any]) -> str:
         rows.append(cells)
     parts.append(_table(headers, rows, caption="÷ no discard: pAUC over the area without discarding "
                                                "(1: no gain); − best: excess over the theoretical best"))
-    plot = _png_file(run / "edc.png")
-    parts.append(_img(plot, "image/png", "error versus discard characteristic", "plot edc") if plot
-                 else _note("edc.png not found (or not a PNG) in this folder.", "warning"))
+    parts.append(_part(lambda: _img(_png_file(report.files.locate("plot", path)), "image/png",
+                                    "error versus discard characteristic", "plot edc"), "no EDC plot"))
     return "".join(parts)
 
 

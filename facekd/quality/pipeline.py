@@ -26,6 +26,8 @@ import numpy as np
 
 from facekd.config import config_to_dict
 from facekd.errors import ConfigError, FacekdError
+from facekd.results import (PREDICTIONS_FILE, ChallengeLimit, ModelCost, QualityModelResult, QualityReport,
+                            ResultFiles, StageSummary, TestPredictions, write_result)
 from facekd.io.atomic import atomic_write_text
 from facekd.io.formats import file_digest
 from facekd.progress import Progress
@@ -65,6 +67,7 @@ class QualityPipeline:
         self.progress = progress or Progress()
         self.results: dict[str, StageResult] = {}
         self._test_cache: dict[tuple, Any] = {}
+        self._last_test: TestPredictions | None = None  # of the latest evaluation
 
     # ------------------------------------------------------------------ orchestration
 
@@ -88,20 +91,17 @@ class QualityPipeline:
             if name == "control" and not self.config.control:
                 continue
             self._run_stage(name, runners[name], forced=name in force)
-        report = self.report()
-        atomic_write_text(self.out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
-        return report
+        return write_result(self.report(), self.out)
 
     def train_single(self, which: str = "teacher") -> dict[str, Any]:
         """Train one model (the config's teacher or student) on the labeled set alone, evaluate it
-        on the test set, and write `<out>/model.safetensors` and `<out>/report.json`."""
+        on the test set, and write `<out>/model.safetensors`, `<out>/predictions.csv` and
+        `<out>/report.json`."""
         self._digest_data()
         choice = self.config.teacher if which == "teacher" else self.config.student
         outputs, info = self._train_stage(which, choice, teacher=which == "teacher", pseudo=(), folder=self.out)
         self.results[which] = StageResult(which, "", False, outputs, info)
-        report = self.report()
-        atomic_write_text(self.out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
-        return report
+        return write_result(self.report(), self.out)
 
     def _digest_data(self) -> None:
         data = self.config.data
@@ -172,7 +172,9 @@ class QualityPipeline:
         from facekd.quality.pseudo import predict
 
         dataset, mos = self._test_set(model)
-        return quality_metrics(predict(model, dataset, batch_size=self.config.eval_batch_size), mos)
+        predicted = predict(model, dataset, batch_size=self.config.eval_batch_size)
+        self._last_test = TestPredictions([str(path) for path in dataset.paths], mos, predicted)
+        return quality_metrics(predicted, mos)
 
     def _train_stage(self, name: str, choice: ModelChoice, teacher: bool, pseudo: Sequence[str],
                      folder: Path | None = None):
@@ -199,14 +201,15 @@ class QualityPipeline:
             _start_at(model, float(np.average(dataset.mos, weights=dataset.weights)))
         folder = folder or self.out / name
         init_digest = None if choice.init is None else file_digest(choice.init)
-        result = Trainer(train_cfg, folder / "train", progress=self.progress,
-                         extra_config={"stage": name, "model": config_to_dict(choice), "init": init_digest,
-                                       "data": self.data_digest,
-                                       "pseudo": [self.results[p].output_digest for p in pseudo],
-                                       "train_transform": self.config.train_transform}).fit(
-            model, QualityLoss(weights=self.config.loss.as_dict(), plcc_form=self.config.loss.plcc_form), dataset,
-            evaluate=self._evaluate)
-        metrics = result.metrics  # the trainer always evaluates the final weights
+        trainer = Trainer(train_cfg, folder / "train", progress=self.progress,
+                          extra_config={"stage": name, "model": config_to_dict(choice), "init": init_digest,
+                                        "data": self.data_digest,
+                                        "pseudo": [self.results[p].output_digest for p in pseudo],
+                                        "train_transform": self.config.train_transform})
+        self._last_test = None
+        result = trainer.fit(model, QualityLoss(weights=self.config.loss.as_dict(),
+                                                plcc_form=self.config.loss.plcc_form), dataset, evaluate=self._evaluate)
+        metrics = result.metrics  # the trainer always evaluates the final weights: the last predictions are theirs
         # after training: the header check's rejects, then the images that failed to decode when read
         errors = [{"path": str(p), "reason": r} for p, r in dataset.errors]
         path = folder / MODEL_FILE
@@ -215,9 +218,14 @@ class QualityPipeline:
                                                  "loss": config_to_dict(self.config.loss),
                                                  "train_transform": self.config.train_transform},
                    metrics=metrics)
+        outputs = {"model": str(path.relative_to(self.out))}
+        if self._last_test is not None:  # on the main process
+            self._last_test.write(folder / PREDICTIONS_FILE)
+            outputs["predictions"] = str((folder / PREDICTIONS_FILE).relative_to(self.out))
         info = {"test": metrics, "train_images": len(dataset) - len(dataset.failures()), "skipped_images": errors,
-                "precision": result.precision, "steps": result.steps, "resumed_from_step": result.resumed_from_step}
-        return {"model": str(path.relative_to(self.out))}, info
+                "precision": result.precision, "steps": result.steps, "resumed_from_step": result.resumed_from_step,
+                "metrics_log": str(trainer.metrics_path.relative_to(self.out))}
+        return outputs, info
 
     def _pseudo_stage(self, name: str, teacher_stage: str, unlabeled: Path):
         from facekd.models.artifact import load_model
@@ -244,35 +252,25 @@ class QualityPipeline:
 
     # ------------------------------------------------------------------ report
 
-    def report(self) -> dict[str, Any]:
+    def report(self) -> QualityReport:
         from facekd.models.artifact import load_model
-        from facekd.models.cost import count_flops, count_params, measure_latency
 
         rows = {}
         labels = (("t0", "T0"), ("t1", "T1"), ("student", "S"), ("control", "control"), ("teacher", "teacher"))
         for name, label in labels:
             if name not in self.results:
                 continue
-            model = load_model(self.out / self.results[name].outputs["model"])
-            timing = measure_latency(model, model.input_size, batch=1, warmup=2, min_time_s=0.3, max_time_s=1.5)
-            rows[label] = {
-                "arch": model.arch, "input_size": model.input_size, **self.results[name].info["test"],
-                "params": count_params(model), "gflops": count_flops(model, model.input_size) / 1e9,
-                "cpu_ms_per_image": timing["median_ms"],
-            }
-        student = rows.get("S")
-        limit = None
-        if student is not None:
-            limit = {"max_gflops": CHALLENGE_MAX_GFLOPS, "max_params": CHALLENGE_MAX_PARAMS,
-                     "gflops": student["gflops"], "params": student["params"],
-                     "within": student["gflops"] <= CHALLENGE_MAX_GFLOPS and student["params"] <= CHALLENGE_MAX_PARAMS}
-        return {
-            "pipeline": "quality", "run_dir": str(self.out), "models": rows, "challenge_limit": limit,
-            "stages": {name: {"skipped": r.skipped, "outputs": r.outputs,
-                              **{k: v for k, v in r.info.items() if k != "test"}}
-                       for name, r in self.results.items()},
-            "config": config_to_dict(self.config),
-        }
+            stage = self.results[name]
+            model = load_model(self.out / stage.outputs["model"])
+            files = ResultFiles(model=stage.outputs["model"], predictions=stage.outputs.get("predictions"),
+                                metrics=stage.info.get("metrics_log"))
+            rows[label] = QualityModelResult(model.arch, model.input_size, stage.info["test"], ModelCost.measure(model),
+                                             files)
+        limit = (ChallengeLimit.check(rows["S"].cost, CHALLENGE_MAX_GFLOPS, CHALLENGE_MAX_PARAMS)
+                 if "S" in rows else None)
+        stages = {name: StageSummary(r.skipped, r.outputs, {k: v for k, v in r.info.items() if k != "test"})
+                  for name, r in self.results.items()}
+        return QualityReport(str(self.out), rows, limit, stages, config_to_dict(self.config))
 
 
 def _initialise_from(model, path: Path, role: str) -> None:

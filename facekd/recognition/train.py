@@ -10,7 +10,6 @@ metrics.jsonl: a killed run resumes from there when started again with the same 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,11 +18,12 @@ from torch import nn
 
 from facekd.config import config_to_dict
 from facekd.errors import ConfigError, FacekdError
-from facekd.io.atomic import atomic_write_text
 from facekd.progress import Progress
 from facekd.recognition.config import RecognitionConfig
+from facekd.results import ModelCost, RecognitionReport, ResultFiles, write_result
 
 MODEL_FILE = "model.safetensors"
+ROC_FILE = "roc.png"
 
 
 class RecognitionLoss(nn.Module):
@@ -143,25 +143,25 @@ def train_recognition(config: RecognitionConfig, out_dir: str | Path, *, role: L
     settings = {"role": role, "model": config_to_dict(choice), "head": config_to_dict(config.head),
                 "sampler": config_to_dict(config.sampler), "train_data": str(config.data.train),
                 "distill": {**config_to_dict(config.distill), "method": method, "teacher": teacher_info}}
-    result = Trainer(train_cfg, out / "train", progress=progress, extra_config=settings).fit(
-        model, loss, dataset, evaluate=evaluate, batch_sampler=sampler)
+    trainer = Trainer(train_cfg, out / "train", progress=progress, extra_config=settings)
+    result = trainer.fit(model, loss, dataset, evaluate=evaluate, batch_sampler=sampler)
+    trainer_metrics = trainer.metrics_path
 
     from facekd.engine import is_main_process
 
-    report = {"pipeline": "recognition", "role": role, "method": method, "run_dir": str(out),
-              "train_images": len(dataset), "identities": dataset.num_classes,
-              "skipped_images": [{"path": p, "reason": r} for p, r in dataset.errors],
-              "steps": result.steps, "precision": result.precision, "resumed_from_step": result.resumed_from_step,
-              "teacher": teacher_info, "config": config_to_dict(config)}
+    report = RecognitionReport(role, method, str(out), len(dataset), dataset.num_classes,
+                               [{"path": str(p), "reason": r} for p, r in dataset.errors], result.steps,
+                               result.precision, result.resumed_from_step, teacher_info, config_to_dict(config))
     if not is_main_process():
-        return report
-    report["eval"] = _final_evaluation(model, eval_sets, config, out, progress)
-    report["cost"] = _cost(model.cpu())  # CPU latency, whatever the training device
-    first = next(iter(report["eval"].values()), None)
+        return report.to_dict()
+    report.eval = _final_evaluation(model, eval_sets, config, out, progress)
+    report.cost = ModelCost.measure(model.cpu())  # CPU latency, whatever the training device
+    report.files = ResultFiles(model=MODEL_FILE, metrics=str(trainer_metrics.relative_to(out)),
+                               plot=ROC_FILE if report.eval else None)
+    first = next(iter(report.eval.values()), None)
     save_model(model, out / MODEL_FILE, training_config=settings | {"train": config_to_dict(train_cfg)},
                metrics=summary_metrics(first) if first else {})
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
-    return report
+    return write_result(report, out)
 
 
 def _final_evaluation(model, eval_sets, config: RecognitionConfig, out: Path, progress: Progress) -> dict:
@@ -176,16 +176,8 @@ def _final_evaluation(model, eval_sets, config: RecognitionConfig, out: Path, pr
         fpr, tpr, _ = roc_curve(scores, issame)
         curves[data.name] = (fpr, tpr)
     if curves:
-        plot_roc(curves, out / "roc.png", title=f"{model.arch} ROC")
+        plot_roc(curves, out / ROC_FILE, title=f"{model.arch} ROC")
     return reports
-
-
-def _cost(model) -> dict[str, float]:
-    from facekd.models.cost import count_flops, count_params, measure_latency
-
-    timing = measure_latency(model, model.input_size, batch=1, warmup=2, min_time_s=0.3, max_time_s=1.5)
-    return {"params": count_params(model), "gflops": count_flops(model, model.input_size) / 1e9,
-            "cpu_ms_per_image": timing["median_ms"]}
 
 
 def format_recognition_table(rows: dict[str, dict[str, Any]], title: str, levels=(1e-2, 1e-3, 1e-4)):
