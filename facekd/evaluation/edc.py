@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from facekd.checks import real_number, whole_number
 from facekd.errors import ConfigError, FacekdError
 
 # slack for `rate * count` landing a rounding error below an integer (as recognition.metrics)
@@ -96,15 +97,7 @@ def _as_threshold(threshold: float) -> float:
 
 
 def _as_fraction(value: float | None, name: str) -> float | None:
-    if value is None:
-        return None
-    try:
-        fraction = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: must be a number in [0, 1], got {value!r}") from None
-    if not (0.0 <= fraction <= 1.0):
-        raise ConfigError(f"{name}: must be in [0, 1], got {value!r}")
-    return fraction
+    return None if value is None else real_number(value, f"{name}:", 0.0, 1.0)
 
 
 def _as_limits(limits: Sequence[float]) -> list[float]:
@@ -118,12 +111,6 @@ def _as_limits(limits: Sequence[float]) -> list[float]:
         if not (0.0 < value <= 1.0):
             raise ConfigError(f"limits: each limit must be in (0, 1], got {value}")
     return sorted(set(values))
-
-
-def _as_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ConfigError(f"seed: must be a non-negative integer, got {seed!r}")
-    return int(seed)
 
 
 # ---------------------------------------------------------------- comparison quality and threshold
@@ -230,7 +217,7 @@ def random_order_curve(genuine_scores: ArrayLike, threshold: float, seed: int = 
     what discarding at random gives on average.
     """
     scores = _genuine_scores(genuine_scores)
-    quality = np.random.default_rng(_as_seed(seed)).random(scores.size)
+    quality = np.random.default_rng(whole_number(seed, "seed:", 0)).random(scores.size)
     return edc_curve(scores, quality, threshold, max_discard=max_discard)
 
 
@@ -337,7 +324,7 @@ def edc_report(scores: ArrayLike, issame: ArrayLike, qualities: Mapping[str, Arr
     theoretical best's points are joined by straight lines, the others are steps.
     """
     limit_list = _as_limits(limits)
-    seed_value = _as_seed(seed)
+    seed_value = whole_number(seed, "seed:", 0)
     score_arr, same_arr = _as_scores_and_labels(scores, issame)
     genuine = _genuine_only(score_arr, same_arr)
     if start_fnmr is None:

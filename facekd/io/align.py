@@ -5,6 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from facekd.checks import whole_number
 from facekd.errors import ConfigError, DataError, FacekdError
 
 __all__ = ["ARCFACE_TEMPLATE_112", "align_face", "arcface_template", "estimate_similarity"]
@@ -101,9 +102,7 @@ def _square_size(size: int | tuple[int, int]) -> int:
         if len(size) != 2 or size[0] != size[1]:
             raise ConfigError(f"face crops must be square, got size {tuple(size)!r}")
         size = size[0]
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
-        raise ConfigError(f"face crop size must be a positive integer, got {size!r}")
-    return int(size)
+    return whole_number(size, "face crop size")
 
 
 def _as_points(points: np.ndarray, name: str, count: int | None) -> np.ndarray:

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
+from facekd.checks import whole_number
 from facekd.errors import ConfigError, DataError, FacekdError
 from facekd.io.atomic import atomic_write_bytes
 
@@ -569,10 +570,7 @@ def encode_image(image_rgb: np.ndarray, ext: str = ".png", quality: int = 95) ->
         raise ConfigError(
             f"cannot write {ext!r} images (use one of {', '.join(WRITABLE_EXTENSIONS)})"
         )
-    if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)):
-        raise ConfigError(f"image quality must be an integer from 1 to 100, got {quality!r}")
-    if not 1 <= quality <= 100:
-        raise ConfigError(f"image quality must be from 1 to 100, got {quality}")
+    whole_number(quality, "image quality", 1, 100)
     _validate_writable(image_rgb)
     pixels = image_rgb[:, :, ::-1] if image_rgb.ndim == 3 else image_rgb
     params: list[int] = []
@@ -693,8 +691,7 @@ class Resize:
     __slots__ = ("size", "mode")
 
     def __init__(self, size: int, mode: str = "stretch"):
-        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or int(size) < 1:
-            raise ConfigError(f"image size must be a positive integer, got {size!r}")
+        whole_number(size, "image size")
         if mode not in RESIZE_MODES:
             raise ConfigError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
         self.size = int(size)

@@ -9,12 +9,12 @@ Everything is computed in float32 whatever the autocast precision of the model.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, Mapping, Optional
 
 import torch
 from torch import nn
 
+from facekd.checks import real_number
 from facekd.errors import ConfigError, FacekdError
 
 TERMS = ("mse", "l1", "plcc", "srcc")
@@ -84,10 +84,7 @@ def plcc_loss(pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.T
 
 
 def _check_temperature(temperature: float) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature <= 0:
-        raise ConfigError(f"soft rank: temperature must be a positive number, got {temperature!r}")
-    return float(temperature)
+    return real_number(temperature, "soft rank: temperature", positive=True)
 
 
 def _rank_weight(weight: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -171,10 +168,7 @@ class QualityLoss(nn.Module):
         for name, value in weights.items():
             if name not in TERMS:
                 raise ConfigError(f"quality loss: unknown term {name!r} (known: {', '.join(TERMS)})")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value) or value < 0:
-                raise ConfigError(f"quality loss: weight of {name!r} must be a finite number >= 0, got {value!r}")
-            if value > 0:
+            if real_number(value, f"quality loss: weight of {name!r}", minimum=0) > 0:
                 checked[name] = float(value)
         if not checked:
             raise ConfigError(f"quality loss: at least one term weight must be > 0, got {dict(weights)!r}")

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from facekd.checks import whole_number
 from facekd.errors import ConfigError, FacekdError
 
 FPR_LEVELS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
@@ -80,12 +81,6 @@ def _as_levels(levels: Sequence[float]) -> list[float]:
         if not (0.0 < value <= 1.0):  # also rejects NaN
             raise ConfigError(f"fpr levels: each level must be in (0, 1], got {value}")
     return values
-
-
-def _as_folds(folds: int) -> int:
-    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
-        raise ConfigError(f"folds: must be an integer >= 2, got {folds!r}")
-    return int(folds)
 
 
 def _just_below(value: float) -> float:
@@ -231,7 +226,7 @@ def kfold_accuracy(scores: ArrayLike, issame: ArrayLike, folds: int = 10) -> dic
     accuracy of `score >= threshold` is measured on the held-out fold.
     Returns {"mean", "std" (population, ddof=0), "thresholds", "fold_accuracies"}.
     """
-    fold_count = _as_folds(folds)
+    fold_count = whole_number(folds, "folds:", 2)
     score_arr, same_arr = comparison_arrays(scores, issame)
     return _kfold_accuracy(score_arr, same_arr, fold_count)
 
@@ -248,7 +243,7 @@ def verification_report(scores: ArrayLike, issame: ArrayLike, levels: Sequence[f
     rule over the exact ROC, ties counting half), eer (equal error rate, interpolated on the ROC).
     """
     level_list = _as_levels(levels)
-    fold_count = _as_folds(folds)
+    fold_count = whole_number(folds, "folds:", 2)
     score_arr, same_arr = comparison_arrays(scores, issame)
     from sklearn.metrics import auc as sklearn_auc
 
@@ -279,9 +274,8 @@ def all_pairs_scores(embeddings: np.ndarray, labels: ArrayLike,
     most `_BLOCK_ELEMENTS` entries, so memory beyond the two outputs stays bounded.
     `max_pairs` refuses sets whose N·(N-1)/2 pairs would exceed it.
     """
-    if max_pairs is not None and (isinstance(max_pairs, bool) or not isinstance(max_pairs, (int, np.integer))
-                                  or max_pairs < 1):
-        raise ConfigError(f"max_pairs: must be a positive integer or None, got {max_pairs!r}")
+    if max_pairs is not None:
+        whole_number(max_pairs, "max_pairs:", note=" or None")
     try:
         vectors = np.asarray(embeddings, dtype=np.float64)
     except (TypeError, ValueError) as exc:
