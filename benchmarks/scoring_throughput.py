@@ -148,7 +148,7 @@ def measure_pair(name: str, args, work: Path, files: dict[int, list[Path]], prog
 
     import facekd
     from facekd.config import load_config
-    from facekd.export.runtime import load_onnx
+    from facekd.inference.predictors import load_onnx
     from facekd.inference import open_model
     from facekd.inference.backend import cached_onnx
     from facekd.io.formats import file_digest

@@ -5,13 +5,13 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from facekd.version import __version__
 
 
 def load(path, device="cpu", batch_size: int = 64):
     """Load a `.safetensors` model file (PyTorch) or an exported `.onnx` file (ONNX Runtime, CPU)
     as a quality scorer or a face embedder."""
-    from facekd.models.predictor import load as _load
+    from facekd.inference.predictors import load as _load
 
     return _load(path, device=device, batch_size=batch_size)
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from facekd import __version__
+from facekd.version import __version__
 from facekd.errors import FacekdError
 from facekd.runtime import keep_freed_memory
 
@@ -353,6 +353,15 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="only results and errors: no progress, no log lines")
 
 
+def _add_config(parser: argparse.ArgumentParser, task: str, data_help: str) -> None:
+    """Arguments of the commands that run a config: config, --out, --data, --set, -q."""
+    parser.add_argument("config", help=f"YAML config (see configs/{task}/)")
+    parser.add_argument("--out", required=True, help="run folder (resumes a killed run)")
+    parser.add_argument("--data", help=data_help)
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+    _add_common(parser)
+
+
 def _add_inference(parser: argparse.ArgumentParser, batch_size: int) -> None:
     """Options of the batch inference commands (score, embed)."""
     parser.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
@@ -428,11 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     quality_commands = quality.add_subparsers(dest="quality_command", metavar="STEP", required=True)
 
     def config_args(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("config", help="YAML config (see configs/quality/)")
-        parser.add_argument("--out", required=True, help="run folder")
-        parser.add_argument("--data", help="folder with labeled.csv, test.csv, unlabeled_1.txt, unlabeled_2.txt")
-        parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
-        _add_common(parser)
+        _add_config(parser, "quality", "folder with labeled.csv, test.csv, unlabeled_1.txt, unlabeled_2.txt")
 
     run = quality_commands.add_parser("run", help="T0 → pseudo(U1) → T1 → pseudo(U2) → student, plus control")
     config_args(run)
@@ -475,13 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     recognition_commands = recognition.add_subparsers(dest="recognition_command", metavar="STEP", required=True)
 
     def recognition_config_args(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("config", help="YAML config (see configs/recognition/)")
-        parser.add_argument("--out", required=True, help="run folder (resumes a killed run)")
-        parser.add_argument("--data", help="training data: an identity folder or an insightface .rec")
+        _add_config(parser, "recognition", "training data: an identity folder or an insightface .rec")
         parser.add_argument("--eval", action="append", metavar="SET",
                             help="verification set (pairs.txt, .bin or identity folder), repeatable")
-        parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
-        _add_common(parser)
 
     rtrain = recognition_commands.add_parser("train", help="train a model alone with the margin softmax")
     recognition_config_args(rtrain)

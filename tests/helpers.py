@@ -31,6 +31,8 @@ def lively(model, seed: int = 0, images: np.ndarray | None = None):
     import torch
     from torch import nn
 
+    from facekd.inference.predictors import preprocess
+
     gen = torch.Generator().manual_seed(seed)
     size = model.input_size
     batch = torch.randint(0, 256, (8, size, size, 3), generator=gen, dtype=torch.uint8)
@@ -46,5 +48,5 @@ def lively(model, seed: int = 0, images: np.ndarray | None = None):
                 module.reset_running_stats()
                 module.momentum = None
         model.train()
-        model(model.normalize(batch))
+        model(preprocess(batch, model.normalization))
     return model.eval()

@@ -10,7 +10,7 @@ from facekd.errors import DataError, FacekdError
 from facekd.io.images import resize_to, write_image
 from facekd.models import build_model
 from facekd.models.artifact import load_model, read_model_info, save_model
-from facekd.models.predictor import FaceEmbedder, QualityModel
+from facekd.inference.predictors import FaceEmbedder, QualityModel, preprocess
 
 
 def _faces(n, size, seed=0):
@@ -47,7 +47,7 @@ def test_recognition_round_trip(tmp_path, recognizer):
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     with torch.inference_mode():
         resized = np.stack([resize_to(im, (64, 64)) for im in images])
-        direct = recognizer(recognizer.normalize(resized)).numpy()
+        direct = recognizer(preprocess(resized, recognizer.normalization)).numpy()
     direct /= np.linalg.norm(direct, axis=1, keepdims=True)
     np.testing.assert_allclose(emb, direct, atol=1e-5)
     flipped = embedder.embed(images, flip=True)

@@ -4,12 +4,12 @@ import pytest
 import facekd
 from helpers import lively
 from facekd.errors import ConfigError, DataError, FacekdError
-from facekd.export import (OnnxFaceEmbedder, OnnxQualityModel, export_onnx, load_onnx, read_onnx_info)
-from facekd.export.runtime import make_session
+from facekd.export import export_onnx, read_onnx_info
+from facekd.inference.predictors import OnnxFaceEmbedder, OnnxQualityModel, load_onnx, make_session
 from facekd.io.images import write_image
 from facekd.models import build_model
 from facekd.models.artifact import read_model_info, save_model
-from facekd.models.predictor import FaceEmbedder, QualityModel
+from facekd.inference.predictors import FaceEmbedder, QualityModel
 
 
 def _faces(n, size, seed=0):
@@ -169,8 +169,8 @@ def test_failed_check_writes_nothing(tmp_path, monkeypatch):
     model.train()
     import facekd.export.onnx as onnx_export
 
-    original = onnx_export._torch_outputs
-    monkeypatch.setattr(onnx_export, "_torch_outputs", lambda m, images: original(m, images) + 0.5)
+    original = onnx_export.torch_outputs
+    monkeypatch.setattr(onnx_export, "torch_outputs", lambda m, images: original(m, images) + 0.5)
     out = tmp_path / "q.onnx"
     with pytest.raises(FacekdError, match="q.onnx: not written, ONNX Runtime differs from PyTorch by 0.5"):
         export_onnx(model, out)

@@ -20,7 +20,7 @@ import facekd
 from helpers import lively
 from facekd.cli import main
 from facekd.errors import ConfigError, DataError
-from facekd.export.runtime import OnnxQualityModel
+from facekd.inference.predictors import OnnxQualityModel
 from facekd.inference import BackendChoice, Shard, embed_files, merge_outputs, open_model, parse_shard, read_scores, \
     score_files
 from facekd.inference.backend import pipeline_rate, thread_counts
@@ -32,7 +32,7 @@ from facekd.io.decode import decode_batches, load_images
 from facekd.io.formats import file_digest
 from facekd.models import build_model
 from facekd.models.artifact import save_model
-from facekd.models.predictor import FaceEmbedder, QualityModel
+from facekd.inference.predictors import FaceEmbedder, QualityModel, preprocess
 
 SIZE = 32
 
@@ -368,7 +368,7 @@ def test_embed_files_matches_the_embedder_with_and_without_flip(faces, embedder,
     np.testing.assert_allclose(flip_vectors, embedder.embed(good, flip=True), atol=1e-5)
     images = load_images(good, SIZE)[0]
     with torch.no_grad():  # flip: the normalised sum of the raw outputs of the image and its mirror
-        both = sum(embedder.model(embedder.model.normalize(torch.from_numpy(np.ascontiguousarray(x)))).numpy()
+        both = sum(embedder.model(preprocess(torch.from_numpy(np.ascontiguousarray(x)), embedder.model.normalization)).numpy()
                    for x in (images, images[:, :, ::-1]))
     np.testing.assert_allclose(flip_vectors, both / np.linalg.norm(both, axis=1, keepdims=True), atol=1e-5)
     assert np.abs(flip_vectors - vectors).max() > 1e-3

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from facekd.errors import ConfigError, FacekdError
-from facekd.models import (QualityHead, available_archs, build_model, get_arch, normalize_images,
+from facekd.models import (QualityHead, available_archs, build_model, get_arch,
                            register_arch)
+from facekd.inference.predictors import preprocess
 from facekd.models import registry
 from facekd.models.heads import EmbeddingHead
 
@@ -214,14 +215,14 @@ def test_normalization_per_task_and_normalize_layouts():
     assert qual.normalization["std"] == pytest.approx([0.229 * 255, 0.224 * 255, 0.225 * 255])
     rng = np.random.default_rng(0)
     nhwc = rng.integers(0, 256, size=(2, 20, 24, 3), dtype=np.uint8)
-    a = rec.normalize(nhwc)
-    b = rec.normalize(torch.from_numpy(nhwc).permute(0, 3, 1, 2))
-    c = rec.normalize(nhwc[0])  # single HWC image
+    a = preprocess(nhwc, rec.normalization)
+    b = preprocess(torch.from_numpy(nhwc).permute(0, 3, 1, 2), rec.normalization)
+    c = preprocess(nhwc[0], rec.normalization)  # single HWC image
     assert a.shape == (2, 3, 20, 24) and a.dtype == torch.float32
     assert torch.equal(a, b) and torch.equal(a[:1], c)
     pixel = nhwc[1, 5, 7].astype(np.float64)
     assert a[1, :, 5, 7].double().numpy() == pytest.approx((pixel - 127.5) / 127.5)
-    white = qual.normalize(np.full((4, 4, 3), 255.0, dtype=np.float32))
+    white = preprocess(np.full((4, 4, 3), 255.0, dtype=np.float32), qual.normalization)
     assert white[0, :, 0, 0].tolist() == pytest.approx([(255 - m) / s for m, s in
                                                           zip(qual.normalization["mean"], qual.normalization["std"])])
 
@@ -230,7 +231,7 @@ def test_normalization_per_task_and_normalize_layouts():
                                  np.zeros((1, 1, 8, 8, 3), np.uint8), np.zeros((8, 8, 3), bool), "image"])
 def test_normalize_rejects_bad_batches(bad):
     with pytest.raises(FacekdError):
-        normalize_images(bad, registry.RECOGNITION_NORMALIZATION)
+        preprocess(bad, registry.RECOGNITION_NORMALIZATION)
 
 
 def test_heads():

@@ -21,6 +21,7 @@ from facekd.models.artifact import save_model
 from facekd.quality.data import QualityDataset, from_csv, from_list
 from facekd.quality.pseudo import MIN_WEIGHT, flip_confidence, predict, pseudo_label, write_pseudo_labels
 from facekd.inference import read_scores, score_files
+from facekd.inference.predictors import preprocess
 from facekd.inference.jobs import errors_path, journal_path, record_path
 from facekd.synth import generate_quality
 
@@ -45,7 +46,7 @@ def model_file(tmp_path_factory, data) -> Path:
         for module in model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.momentum = 1.0
-        model.train()(model.normalize(images))
+        model.train()(preprocess(images, model.normalization))
         for module in model.head.modules():
             if isinstance(module, torch.nn.Linear):
                 module.weight.normal_(0.0, 0.5)

@@ -356,19 +356,18 @@ def test_report_on_a_finished_run_loads_no_model(runs, tmp_path, monkeypatch):
     import torch
 
     import facekd
-    import facekd.export.runtime
     import facekd.models
     import facekd.models.artifact
-    import facekd.models.predictor
+    import facekd.inference.predictors
     import facekd.models.registry
     import facekd.quality.pseudo
 
     def refuse(*args, **kwargs):
         raise AssertionError("facekd report tried to load or run a model")
 
-    for owner, name in ((facekd, "load"), (facekd.models.predictor, "load"), (facekd.models.artifact, "load_model"),
+    for owner, name in ((facekd, "load"), (facekd.inference.predictors, "load"), (facekd.models.artifact, "load_model"),
                         (facekd.models.artifact, "_open"), (facekd.models, "build_model"),
-                        (facekd.models.registry, "build_model"), (facekd.export.runtime, "load_onnx"),
+                        (facekd.models.registry, "build_model"), (facekd.inference.predictors, "load_onnx"),
                         (facekd.quality.pseudo, "predict"), (onnxruntime, "InferenceSession"),
                         (torch.nn.Module, "__call__")):
         monkeypatch.setattr(owner, name, refuse)

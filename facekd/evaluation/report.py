@@ -32,7 +32,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from facekd.errors import ConfigError, DataError, FacekdError
+from facekd.checks import whole_number
+from facekd.errors import DataError, FacekdError
 from facekd.plots import png_bytes
 from facekd.progress import Progress
 from facekd.results import (REPORT_FILE, RESULT_TYPES, EdcReport, QualityReport, RecognitionReport, ReportFormatError,
@@ -79,7 +80,7 @@ def find_reports(run_dir: PathLike, max_depth: int = MAX_DEPTH) -> list[Path]:
 
 def render_report(run_dir: PathLike, *, gallery: int = 48, progress: Progress | None = None) -> str:
     """The HTML page of `run_dir` as a string (see the module docstring)."""
-    gallery = _check_gallery(gallery)
+    gallery = whole_number(gallery, "gallery:", 0, note=" (0: no thumbnails)")
     progress = progress or Progress()
     root = Path(run_dir)
     if not root.exists():
@@ -137,12 +138,6 @@ def write_report(run_dir: PathLike, out: PathLike | None = None, *, gallery: int
 
 
 # ----------------------------------------------------------------------------- reading
-
-
-def _check_gallery(gallery: object) -> int:
-    if isinstance(gallery, bool) or not isinstance(gallery, (int, np.integer)) or int(gallery) < 0:
-        raise ConfigError(f"gallery: must be an integer >= 0 (0: no thumbnails), got {gallery!r}")
-    return int(gallery)
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -626,7 +621,7 @@ footer { max-width: 1240px; margin: 30px auto 24px; padding: 0 32px; color: var(
 
 
 def _page(root: Path, sections: Sequence[_Section], report_count: int) -> str:
-    from facekd import __version__
+    from facekd.version import __version__
 
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     location = str(root.resolve())

@@ -1,16 +1,13 @@
-"""facekd.export: ONNX export and ONNX Runtime inference.
+"""facekd.export: write a model as ONNX and check the graph against PyTorch.
 
     report = export_onnx("student.safetensors", "student.onnx")   # checked against PyTorch
-    scorer = load_onnx("student.onnx")                             # or facekd.load("student.onnx")
-    scores = scorer.score("faces/")
+    scorer = facekd.load("student.onnx")                          # ONNX Runtime, facekd.inference
 
 The graph takes uint8 RGB NHWC images at the model's input size (normalization inside) and
 returns `scores` (B,) or raw `embeddings` (B, D); `onnx` and `onnxruntime` load only when used."""
 
 from __future__ import annotations
 
-from facekd.export.onnx import ExportReport, export_onnx, onnx_metadata
-from facekd.export.runtime import OnnxFaceEmbedder, OnnxQualityModel, load_onnx, read_onnx_info
+from facekd.export.onnx import ExportReport, export_onnx, onnx_metadata, read_onnx_info
 
-__all__ = ["ExportReport", "OnnxFaceEmbedder", "OnnxQualityModel", "export_onnx", "load_onnx",
-           "onnx_metadata", "read_onnx_info"]
+__all__ = ["ExportReport", "export_onnx", "onnx_metadata", "read_onnx_info"]

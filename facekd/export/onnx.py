@@ -12,8 +12,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import math
-import numbers
 import os
 import time
 import warnings
@@ -24,9 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from facekd import __version__
+from facekd.version import __version__
+from facekd.checks import real_number, whole_number
 from facekd.errors import ConfigError, DataError, FacekdError
-from facekd.export.runtime import INPUT_NAME, OUTPUT_NAMES, make_session
+from facekd.inference.predictors import INPUT_NAME, OUTPUT_NAMES, first_line, make_session, preprocess, torch_outputs
 from facekd.io.atomic import atomic_write_bytes
 from facekd.models.artifact import model_metadata
 from facekd.progress import Progress
@@ -52,17 +51,14 @@ class ExportReport:
 
 
 class _UInt8Images(nn.Module):
-    """uint8 NHWC RGB images → the model's normalised NCHW input → its output."""
+    """uint8 NHWC RGB images → the model's normalised NCHW input (`preprocess`) → its output."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(model.normalization["mean"], dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(model.normalization["std"], dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2).float()
-        return self.model((x - self.mean) / self.std)
+        return self.model(preprocess(images, self.model.normalization))
 
 
 def onnx_metadata(model) -> dict[str, str]:
@@ -79,13 +75,9 @@ def onnx_metadata(model) -> dict[str, str]:
 def _check_options(opset, batch_for_check, atol) -> None:
     import onnx
 
-    newest = onnx.defs.onnx_opset_version()
-    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
-        raise ConfigError(f"opset must be an integer from {MIN_OPSET} to {newest}, got {opset!r}")
-    if isinstance(batch_for_check, bool) or not isinstance(batch_for_check, int) or batch_for_check < 1:
-        raise ConfigError(f"batch_for_check must be a positive integer, got {batch_for_check!r}")
-    if isinstance(atol, bool) or not isinstance(atol, numbers.Real) or not math.isfinite(atol) or atol < 0:
-        raise ConfigError(f"atol must be a finite number >= 0, got {atol!r}")
+    whole_number(opset, "opset", MIN_OPSET, onnx.defs.onnx_opset_version())
+    whole_number(batch_for_check, "batch_for_check")
+    real_number(atol, "atol", minimum=0)
 
 
 def _source_model(model_or_path):
@@ -117,14 +109,8 @@ def _trace_to_onnx(model, opset: int) -> bytes:
                 dynamic_axes={INPUT_NAME: {0: "batch"}, output: {0: "batch"}},
             )
         except Exception as error:
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise FacekdError(f"ONNX export of {model.arch!r} at opset {opset} failed: {first}") from error
+            raise FacekdError(f"ONNX export of {model.arch!r} at opset {opset} failed: {first_line(error)}") from error
     return buffer.getvalue()
-
-
-def _torch_outputs(model, images: np.ndarray) -> np.ndarray:
-    with torch.inference_mode():
-        return model(model.normalize(images)).float().numpy()
 
 
 def _max_difference(data: bytes, model, batch: int) -> tuple[float, float]:
@@ -133,14 +119,13 @@ def _max_difference(data: bytes, model, batch: int) -> tuple[float, float]:
     size = model.input_size
     images = np.random.default_rng(0).integers(0, 256, size=(batch, size, size, 3), dtype=np.uint8)
     output = OUTPUT_NAMES[model.task]
-    expected = _torch_outputs(model, images)
+    expected = torch_outputs(model, images)
     try:
         session = make_session(data)
         got = session.run([output], {INPUT_NAME: images})[0]
         single = session.run([output], {INPUT_NAME: images[:1]})[0]
     except Exception as error:  # ONNX Runtime's own error types
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise FacekdError(f"ONNX Runtime cannot run the exported {model.arch!r} graph: {first}") from None
+        raise FacekdError(f"ONNX Runtime cannot run the exported {model.arch!r} graph: {first_line(error)}") from None
     if got.shape != expected.shape or single.shape != expected[:1].shape:
         raise FacekdError(f"ONNX output shape {got.shape} (batch 1: {single.shape}) differs from "
                           f"PyTorch's {expected.shape}")
@@ -198,3 +183,18 @@ def export_onnx(model_path, out_path: str | os.PathLike, *, opset: int = DEFAULT
     return ExportReport(path=out_path, opset=opset, input_name=INPUT_NAME, input_shape=("batch", size, size, 3),
                         output_name=OUTPUT_NAMES[model.task], output_shape=output_shape, checked=check,
                         max_abs_diff=diff, export_seconds=seconds, size_bytes=len(data))
+
+
+def read_onnx_info(path: str | os.PathLike):
+    """The facekd metadata (`ModelInfo`) of an exported `.onnx` file; no inference session is built."""
+    import onnx
+
+    from facekd.models.artifact import check_model_path, parse_metadata
+
+    path = Path(path)
+    check_model_path(path, ".onnx")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # protobuf DecodeError and friends
+        raise DataError(path, f"not a readable ONNX model ({first_line(error)})") from None
+    return parse_metadata(path, {prop.key: prop.value for prop in model.metadata_props})

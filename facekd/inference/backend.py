@@ -90,14 +90,6 @@ def resolve_device(device: str) -> str:
     return str(parsed)
 
 
-def _check(backend: str, threads: int | None) -> None:
-    from facekd.export.runtime import check_threads
-
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    check_threads(threads)
-
-
 def _images_per_second(predictor, batch: np.ndarray) -> float:
     """Median rate over ~`PROBE_SECONDS` after a warm-up run; one timed run when a run takes longer."""
     predictor.infer(batch)  # warm-up: allocations, lazy initialisation
@@ -153,12 +145,13 @@ def open_model(model_path: str | os.PathLike, *, backend: str = "auto", device: 
     decoding threads get the cores between batches."""
     import torch
 
-    import facekd
-    from facekd.export.runtime import available_threads, load_onnx
+    from facekd.inference.predictors import available_threads, check_threads, load, load_onnx
 
     from facekd.io.decode import check_batch_size
 
-    _check(backend, threads)
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    check_threads(threads)
     batch_size = check_batch_size(batch_size)
     progress = progress or Progress()
     path = Path(model_path)
@@ -178,7 +171,7 @@ def open_model(model_path: str | os.PathLike, *, backend: str = "auto", device: 
             onnx_file = onnx_file or cached_onnx(path)
             return load_onnx(onnx_file, threads=count, batch_size=batch_size, spinning=False)
         torch.set_num_threads(count)
-        return facekd.load(path, device=device, batch_size=batch_size)
+        return load(path, device=device, batch_size=batch_size)
 
     if backend == "torch" or (backend == "auto" and device != "cpu"):
         reason = "asked for" if backend == "torch" else f"{device} runs PyTorch"

@@ -17,7 +17,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from facekd.errors import ConfigError, DataError, FacekdError
+from facekd.checks import whole_number
+from facekd.errors import DataError, FacekdError
 from facekd.io.formats import absolute
 from facekd.io.images import Resize, read_image
 from facekd.progress import Progress
@@ -38,23 +39,17 @@ def check_workers(workers: object) -> int:
     """`workers` as an int (None: `default_workers()`), or a ConfigError."""
     if workers is None:
         return default_workers()
-    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or int(workers) < 0:
-        raise ConfigError(f"workers must be an integer >= 0 (0: decode in the calling thread), got {workers!r}")
-    return int(workers)
+    return whole_number(workers, "workers", 0, note=" (0: decode in the calling thread)")
 
 
 def check_batch_size(batch_size: object) -> int:
     """`batch_size` as an int if it is a positive integer (Python or numpy), else a ConfigError."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return int(batch_size)
+    return whole_number(batch_size, "batch_size")
 
 
 def check_size(size: object) -> int:
     """An image side length as an int, or a ConfigError."""
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or int(size) < 1:
-        raise ConfigError(f"image size must be a positive integer, got {size!r}")
-    return int(size)
+    return whole_number(size, "image size")
 
 
 def check_geometry(size: object) -> Resize:

@@ -2,7 +2,7 @@
 
     model = build_model("timm/edgenext_xx_small", 352)   # quality student, scores (B,)
     model = build_model("iresnet50", dropout=0.2)        # recognition, 112×112, embeddings (B, 512)
-    x = model.normalize(uint8_images)                    # RGB [0, 255] -> normalised float NCHW
+    x = preprocess(uint8_images, model.normalization)   # facekd.inference: RGB [0, 255] -> float NCHW
     same = build_model(model.arch, model.input_size, **model.options)
 
 Recognition: iresnet18/34/50/100, mobilefacenet (ours, as in insightface). Quality: any
@@ -18,11 +18,11 @@ from facekd.models.cost import (GFLOPS_NOTE, cost_report, count_flops, count_par
 from facekd.models.heads import EmbeddingHead, GDCHead, QualityHead
 from facekd.models.registry import (OPTION_HELP, QUALITY_NORMALIZATION, RECOGNITION_NORMALIZATION, RETIRED_ARCHS,
                                     TASKS, ArchSpec, FaceModel, available_archs, available_families, build_model,
-                                    get_arch, normalize_images, register_arch, register_family)
+                                    get_arch, register_arch, register_family)
 
 __all__ = [
     "ArchSpec", "FaceModel", "EmbeddingHead", "GDCHead", "QualityHead", "GFLOPS_NOTE", "OPTION_HELP",
     "QUALITY_NORMALIZATION", "RECOGNITION_NORMALIZATION", "RETIRED_ARCHS", "TASKS", "available_archs",
     "available_families", "build_model", "cost_report", "count_flops", "count_params", "format_cost_table",
-    "get_arch", "measure_latency", "normalize_images", "register_arch", "register_family",
+    "get_arch", "measure_latency", "register_arch", "register_family",
 ]

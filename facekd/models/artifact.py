@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from facekd import __version__
+from facekd.version import __version__
 from facekd.errors import DataError, FacekdError
 from facekd.io.atomic import atomic_write_bytes
 
@@ -76,13 +76,18 @@ def save_model(model, path: str | os.PathLike, *, training_config: dict | None =
     return path
 
 
-def _open(path: Path):
-    from safetensors import safe_open
-
+def check_model_path(path: Path, suffix: str = ".safetensors") -> None:
+    """DataError unless `path` is an existing file (not a folder)."""
     if not path.exists():
         raise DataError(path, "file not found")
     if path.is_dir():
-        raise DataError(path, "is a folder, expected a .safetensors model file")
+        raise DataError(path, f"is a folder, expected {'an' if suffix == '.onnx' else 'a'} {suffix} model file")
+
+
+def _open(path: Path):
+    from safetensors import safe_open
+
+    check_model_path(path)
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as error:  # safetensors raises its own error types for every malformed file
@@ -94,10 +99,11 @@ def read_model_info(path: str | os.PathLike) -> ModelInfo:
     path = Path(path)
     with _open(path) as handle:
         metadata = handle.metadata() or {}
-    return _parse_metadata(path, metadata)
+    return parse_metadata(path, metadata)
 
 
-def _parse_metadata(path: Path, metadata: dict[str, str]) -> ModelInfo:
+def parse_metadata(path: Path, metadata: dict[str, str]) -> ModelInfo:
+    """The `ModelInfo` of a model file's (or ONNX graph's) string metadata; DataError naming `path`."""
     if metadata.get("format") != FORMAT:
         raise DataError(path, "not a facekd model file (its metadata has no 'format: facekd-model'; "
                               "weights from other tools must be converted first)")
@@ -129,7 +135,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
 
     path = Path(path)
     with _open(path) as handle:
-        info = _parse_metadata(path, handle.metadata() or {})
+        info = parse_metadata(path, handle.metadata() or {})
         try:
             state = {name: handle.get_tensor(name) for name in handle.keys()}
         except Exception as error:

@@ -34,7 +34,8 @@ def _size_hw(input_size: int | tuple[int, int]) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a module's first parameter (the CPU for a module without any)."""
     for tensor in model.parameters():
         return tensor.device
     return torch.device("cpu")
@@ -94,7 +95,7 @@ def count_flops(model: nn.Module, input_size: int | tuple[int, int]) -> int:
     was_training = model.training
     model.eval()
     try:
-        x = torch.zeros(1, 3, h, w, device=_device_of(model))
+        x = torch.zeros(1, 3, h, w, device=model_device(model))
         with FlopCounterMode(display=False, custom_mapping=_fvcore_extra_rules()) as counter, torch.no_grad():
             model(x)
     finally:
@@ -124,7 +125,7 @@ def measure_latency(model: nn.Module, input_size: int | tuple[int, int], batch: 
     median), and the passes used."""
     if batch < 1:
         raise ConfigError(f"batch must be >= 1, got {batch}")
-    device = _device_of(model)
+    device = model_device(model)
     if device.type == "meta":
         raise ValueError("cannot time a model on the meta device")
     h, w = _size_hw(input_size)

@@ -17,18 +17,16 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
-import numbers
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, Literal, Union
 
-import numpy as np
 import torch
 from pydantic import BeforeValidator, Field, PlainValidator, create_model
 from torch import nn
 
 from facekd.config import ConfigModel, validated
-from facekd.errors import ConfigError, FacekdError
+from facekd.checks import whole_number
+from facekd.errors import ConfigError
 from facekd.io.images import RESIZE_MODES, Resize
 
 TASKS = ("recognition", "quality")
@@ -145,9 +143,7 @@ class ArchSpec:
         return validated(self.options_model, options, where="options").model_dump()
 
     def check_input_size(self, input_size: Any) -> int:
-        if isinstance(input_size, bool) or not isinstance(input_size, numbers.Integral):
-            raise ConfigError(f"input_size for {self.name!r} must be an integer, got {input_size!r}")
-        size = int(input_size)
+        size = whole_number(input_size, f"input_size for {self.name!r}")
         if self.fixed_input_size and size != self.input_size:
             raise ConfigError(f"{self.name!r} takes only {self.input_size}×{self.input_size} input, got {size}")
         if size < self.stride or size % self.stride:
@@ -251,7 +247,7 @@ class FaceModel(nn.Module):
 
     `arch`, `input_size` and `options` rebuild the same model with `build_model`;
     `normalization` ({'mean', 'std'} per RGB channel, on values in [0, 255]) is what
-    `normalize` applies."""
+    `facekd.inference.predictors.preprocess` applies."""
 
     def __init__(self, arch: str, task: str, input_size: int, backbone: nn.Module, head: nn.Module,
                  options: dict[str, Any], normalization: dict[str, list[float]], resize: str = "stretch"):
@@ -289,52 +285,8 @@ class FaceModel(nn.Module):
             "normalization": {k: list(v) for k, v in self.normalization.items()},
         }
 
-    def normalize(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """RGB images in [0, 255] (uint8 or float; HWC, CHW, NHWC or NCHW) → normalised float32
-        NCHW on the model's device (see `normalize_images`)."""
-        return normalize_images(images, self.normalization, device=_device_of(self))
-
     def extra_repr(self) -> str:
         return f"arch={self.arch!r}, task={self.task!r}, input_size={self.input_size}"
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    return torch.device("cpu")
-
-
-def normalize_images(images: torch.Tensor | np.ndarray, normalization: dict[str, Sequence[float]],
-                     device: torch.device | str | None = None) -> torch.Tensor:
-    """RGB images in [0, 255] → float32 NCHW `(x - mean) / std`.
-
-    Accepts (H, W, 3), (3, H, W), (B, H, W, 3) or (B, 3, H, W); when both the last and the
-    channel-first axes have size 3, the last axis is taken as channels (NHWC)."""
-    if isinstance(images, np.ndarray):
-        if images.dtype.kind not in "uif":
-            raise FacekdError(f"images must be numeric (uint8 or float), got dtype {images.dtype}")
-        images = torch.from_numpy(np.ascontiguousarray(images))
-    if not isinstance(images, torch.Tensor):
-        raise FacekdError(f"images must be a tensor or numpy array, got {type(images).__name__}")
-    if images.dtype == torch.bool or images.is_complex():
-        raise FacekdError(f"images must be uint8 or float, got {images.dtype}")
-    batch = images
-    if batch.ndim == 3:
-        batch = batch.unsqueeze(0)
-    if batch.ndim != 4:
-        raise FacekdError(f"images must have 3 or 4 dimensions (HWC/CHW or NHWC/NCHW), got shape "
-                          f"{tuple(images.shape)}")
-    if batch.shape[-1] == 3:
-        batch = batch.permute(0, 3, 1, 2)
-    elif batch.shape[1] != 3:
-        raise FacekdError(f"images must have 3 RGB channels (first or last axis), got shape "
-                          f"{tuple(images.shape)}")
-    if device is not None:
-        batch = batch.to(device)
-    batch = batch.float()
-    mean = torch.tensor(normalization["mean"], dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
-    std = torch.tensor(normalization["std"], dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
-    return ((batch - mean) / std).contiguous()
 
 
 def build_model(arch: str, input_size: int | None = None, *, load_pretrained: bool = True,

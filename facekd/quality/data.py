@@ -42,7 +42,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from facekd.checks import whole_number
 from facekd.errors import ConfigError, DataError, FacekdError
+from facekd.inference.predictors import check_normalization, preprocess
 from facekd.io.decode import (ImageError, check_batch_size, check_geometry, check_workers, load_images, load_one,
                               map_ordered)
 from facekd.io.formats import LabeledImage, absolute, read_image_list, read_mos_csv
@@ -130,13 +132,11 @@ class QualityDataset(Dataset):
         if transform not in TRANSFORMS:
             raise ConfigError(f"transform must be one of {', '.join(TRANSFORMS)}, got {transform!r}")
         self.transform = transform
-        if isinstance(max_shift, bool) or not isinstance(max_shift, int) or not 0 <= max_shift < self.input_size:
-            raise ConfigError(f"max_shift must be an integer in [0, input_size), got {max_shift!r}")
-        self.max_shift = max_shift
+        self.max_shift = whole_number(max_shift, "max_shift", 0, self.input_size - 1)
         if cache is not None and not isinstance(cache, bool):
             raise ConfigError(f"cache must be true, false or None, got {cache!r}")
         self.cache = (not self.train) if cache is None else cache
-        self._mean, self._std = _normalization_arrays(normalization)
+        self.normalization = check_normalization(normalization)
         samples = list(samples)
         if not samples:
             raise DataError(source, "no samples given")
@@ -328,7 +328,7 @@ class QualityDataset(Dataset):
         stored = self._stored(index)
         failed = isinstance(stored, str)
         if failed:
-            chw = np.zeros((3, self.input_size, self.input_size), dtype=np.float32)
+            chw = torch.zeros((3, self.input_size, self.input_size), dtype=torch.float32)
         else:
             image = stored
             if self.train:
@@ -336,9 +336,9 @@ class QualityDataset(Dataset):
 
                 rng = sample_rng(index)
                 image = self.random_crop(image, rng) if self._crops else self.augment(image, rng)
-            chw = ((image.astype(np.float32) - self._mean) / self._std).transpose(2, 0, 1)
+            chw = preprocess(image, self.normalization)[0]
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(chw)),
+            "image": chw,
             "mos": torch.tensor(sample.mos, dtype=torch.float32),
             "weight": torch.tensor(0.0 if failed else sample.weight, dtype=torch.float32),
             "index": torch.tensor(index, dtype=torch.int64),
@@ -369,15 +369,3 @@ def _probe_all(paths: Sequence[PathLike], progress: Progress | None,
                 errors.append((paths[index], reason))
             bar.advance()
     return kept, errors
-
-
-def _normalization_arrays(normalization: Mapping[str, Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        mean = np.asarray(normalization["mean"], dtype=np.float32).reshape(-1)
-        std = np.asarray(normalization["std"], dtype=np.float32).reshape(-1)
-    except (KeyError, TypeError, ValueError):
-        raise ConfigError(f"normalization must be {{'mean': [3 numbers], 'std': [3 numbers]}}, "
-                          f"got {normalization!r}") from None
-    if mean.shape != (3,) or std.shape != (3,) or not np.isfinite(mean).all() or not (std > 0).all():
-        raise ConfigError(f"normalization needs 3 finite means and 3 positive stds, got {dict(normalization)!r}")
-    return mean, std

@@ -13,22 +13,17 @@ from facekd.io.atomic import atomic_write_text
 from facekd.progress import Progress
 
 
-def _predictor(model_path: str | Path, batch_size: int):
-    import facekd
-
-    return facekd.load(model_path, batch_size=batch_size)
-
-
 def evaluate_model(model_path: str | Path, test_csv: str | Path, *, out: str | Path | None = None,
                    batch_size: int = 64, progress: Progress | None = None) -> dict[str, Any]:
     """SRCC, PLCC (raw and logistic-fitted), KRCC, RMSE and (SRCC+PLCC)/2 of a model on a MOS CSV.
 
     Unreadable images are skipped and listed under `skipped`; `out` also gets the report as JSON."""
+    from facekd.inference.predictors import load
     from facekd.io.formats import read_mos_csv
     from facekd.io.decode import load_images
     from facekd.quality.metrics import quality_metrics
 
-    model = _predictor(model_path, batch_size)
+    model = load(model_path, batch_size=batch_size)
     rows = read_mos_csv(test_csv)
     images, kept, errors = load_images([row.path for row in rows], model.geometry, progress=progress)
     if len(kept) < 3:

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
-import torch
 
-from facekd.errors import ConfigError, DataError, FacekdError
+from facekd.errors import ConfigError, DataError
+from facekd.inference.predictors import QualityModel, evaluating, mirror
 from facekd.io.formats import resolve_inputs, write_mos_csv
 from facekd.io.decode import check_batch_size
 from facekd.progress import Progress
@@ -41,8 +41,8 @@ def predict(model, images: np.ndarray | QualityDataset, batch_size: int = 64,
     streams; an image that fails to decode then scores NaN and is added to its `.errors`).
 
     Returns float32 (N,), or (N, 2) with `flip=True`: column 0 the original images, column 1
-    their horizontal mirrors. Runs in eval mode under `torch.inference_mode()` on the model's
-    device and restores the model's training mode afterwards."""
+    their horizontal mirrors. Runs through `facekd.inference.predictors` in eval mode on the
+    model's device and restores the model's training mode afterwards."""
     batch_size = check_batch_size(batch_size)
     progress = progress or Progress()
     size = int(model.input_size)
@@ -63,35 +63,21 @@ def predict(model, images: np.ndarray | QualityDataset, batch_size: int = 64,
         count = len(array)
         batches = ((array[start:start + batch_size], None) for start in range(0, count, batch_size))
     out = np.empty((count, 2) if flip else (count,), dtype=np.float32)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), progress.task("predicting", count) as bar:
-            start = 0
-            for chunk, ok in batches:
-                batch = model.normalize(chunk)
-                out_slice = slice(start, start + len(batch))
-                scores = _scores(model(batch), len(batch))
-                if flip:
-                    out[out_slice, 0] = scores
-                    out[out_slice, 1] = _scores(model(torch.flip(batch, dims=[3])), len(batch))
-                else:
-                    out[out_slice] = scores
-                if ok is not None and not ok.all():
-                    out[start:start + len(batch)][~ok] = np.nan
-                start += len(batch)
-                bar.advance(len(batch))
-    finally:
-        model.train(was_training)
+    with evaluating(model), progress.task("predicting", count) as bar:
+        predictor = QualityModel(model, device=None, batch_size=batch_size)
+        start = 0
+        for chunk, ok in batches:
+            rows = slice(start, start + len(chunk))
+            if flip:
+                out[rows, 0] = predictor.infer(chunk)
+                out[rows, 1] = predictor.infer(mirror(chunk))
+            else:
+                out[rows] = predictor.infer(chunk)
+            if ok is not None and not ok.all():
+                out[rows][~ok] = np.nan
+            start += len(chunk)
+            bar.advance(len(chunk))
     return out
-
-
-def _scores(output: torch.Tensor, expected: int) -> np.ndarray:
-    values = output.detach().float().cpu().reshape(-1).numpy()
-    if len(values) != expected:
-        raise FacekdError(f"the model returned {tuple(output.shape)} for {expected} images; "
-                          "expected one score per image (is it a quality model?)")
-    return values
 
 
 def flip_confidence(pred: np.ndarray, pred_flip: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from facekd.engine.distributed import derive_seed
 from facekd.errors import ConfigError, DataError, FacekdError
+from facekd.inference.predictors import check_normalization, preprocess
 from facekd.io.formats import read_identity_folder
 from facekd.io.images import decode_image, read_image, resize_to
 from facekd.progress import Progress
@@ -84,12 +85,11 @@ class RecognitionDataset(Dataset):
                  train: bool = True, cache: bool | str = "auto", cache_limit_bytes: int = DEFAULT_CACHE_LIMIT,
                  progress: Progress | None = None, workers: int | None = None):
         from facekd.io.decode import check_workers
-        from facekd.quality.data import _normalization_arrays
 
         self.source = source
         self.input_size = int(input_size)
         self.train = bool(train)
-        self._mean, self._std = _normalization_arrays(normalization)
+        self.normalization = check_normalization(normalization)
         if cache not in (True, False, "auto"):
             raise ConfigError(f"cache: expected true, false or auto, got {cache!r}")
         needed = len(source) * self.input_size ** 2 * 3
@@ -145,8 +145,7 @@ class RecognitionDataset(Dataset):
 
             if sample_rng(index).random() < 0.5:
                 image = image[:, ::-1]
-        chw = ((image.astype(np.float32) - self._mean) / self._std).transpose(2, 0, 1)
-        return {"image": torch.from_numpy(np.ascontiguousarray(chw)),
+        return {"image": preprocess(image, self.normalization)[0],
                 "label": torch.tensor(int(self.labels[index]), dtype=torch.int64),
                 "index": torch.tensor(index, dtype=torch.int64)}
 

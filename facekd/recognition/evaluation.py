@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from facekd.errors import DataError, FacekdError
 from facekd.progress import Progress
@@ -109,26 +108,21 @@ def _named(errors) -> list[tuple[str, str]]:
     return [(str(p), r) for p, r in errors]
 
 
-@torch.no_grad()
 def embed_images(model, images: np.ndarray, batch_size: int = 128, flip: bool = True,
                  with_norms: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """L2-normalised float32 embeddings of uint8 NHWC images (flip: + the mirrored image's);
     `with_norms` also returns the norms before normalisation (a quality cue of the recognizer)."""
-    was_training = model.training
-    model.eval()
+    from facekd.inference.predictors import FaceEmbedder, evaluating
+
     out, norms = [], []
-    try:
+    with evaluating(model):
+        predictor = FaceEmbedder(model, device=None, batch_size=batch_size)
         for start in range(0, len(images), batch_size):
-            batch = model.normalize(images[start:start + batch_size])
-            embedding = model(batch).float()
-            if flip:
-                embedding = embedding + model(batch.flip(3)).float()
-            norms.append(embedding.norm(dim=1).cpu())
-            out.append(torch.nn.functional.normalize(embedding, dim=1).cpu())
-    finally:
-        model.train(was_training)
-    embeddings = torch.cat(out).numpy()
-    return (embeddings, torch.cat(norms).numpy()) if with_norms else embeddings
+            raw = predictor.raw(images[start:start + batch_size], flip)
+            norms.append(np.linalg.norm(raw, axis=1))
+            out.append(predictor.finish(raw, len(raw)))
+    embeddings = np.concatenate(out)
+    return (embeddings, np.concatenate(norms)) if with_norms else embeddings
 
 
 def pair_scores(data: VerificationData, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

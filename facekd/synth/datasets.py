@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from facekd.checks import real_number, whole_number
 from facekd.errors import ConfigError
 from facekd.io.atomic import atomic_directory
 from facekd.progress import Progress
@@ -70,7 +71,7 @@ def difficulty_settings(difficulty: float) -> tuple[float, float]:
     mottling) seen through pose and light. Fine, pose-dependent detail is what a large network
     resolves and a tiny one blurs; d = 0 is nearly trivial, d = 1 leaves mostly texture.
     """
-    d = _unit_float("difficulty", difficulty)
+    d = real_number(difficulty, "difficulty", 0.0, 1.0)
     return 1.0 - 0.75 * d, 0.15 + 0.85 * d
 
 
@@ -78,34 +79,10 @@ def difficulty_settings(difficulty: float) -> tuple[float, float]:
 # argument checks
 
 
-def _unit_float(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ConfigError(f"{name} must be a number from 0 to 1, got {value!r}")
-    value = float(value)
-    if not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{name} must be from 0 to 1, got {value}")
-    return value
-
-
-def _count(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ConfigError(f"{name} must be a whole number, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
-    return int(value)
-
-
-def _size(value: object) -> int:
-    size = _count("size", value, 32)
-    if size > 1024:
-        raise ConfigError(f"size must be at most 1024, got {size}")
-    return size
-
-
 def _workers(value: object) -> int:
     if value is None:
         return min(os.cpu_count() or 1, 8)
-    return _count("workers", value, 0)
+    return whole_number(value, "workers", 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,9 +118,9 @@ def _encode_png(image: np.ndarray) -> bytes:
 
 
 def _write_manifest(folder: Path, settings: dict) -> None:
-    import facekd
+    from facekd.version import __version__
 
-    text = json.dumps({"generator": f"facekd {facekd.__version__}", **settings}, indent=2, sort_keys=True)
+    text = json.dumps({"generator": f"facekd {__version__}", **settings}, indent=2, sort_keys=True)
     (folder / "synth.json").write_text(text + "\n", encoding="utf-8")
 
 
@@ -296,16 +273,16 @@ def generate_identities(out: str | os.PathLike, identities: int = 100, images_pe
     """
     started = time.perf_counter()
     progress = progress or Progress()
-    identities = _count("identities", identities, 1)
-    per_identity = _count("images_per_identity", images_per_identity, 1)
-    size = _size(size)
-    seed = _count("seed", seed, 0)
+    identities = whole_number(identities, "identities", 1)
+    per_identity = whole_number(images_per_identity, "images_per_identity", 1)
+    size = whole_number(size, "size", 32, 1024)
+    seed = whole_number(seed, "seed", 0)
     default_spread, default_nuisance = difficulty_settings(difficulty)
-    spread = default_spread if identity_spread is None else _unit_float("identity_spread", identity_spread)
+    spread = default_spread if identity_spread is None else real_number(identity_spread, "identity_spread", 0.0, 1.0)
     if spread <= 0:
         raise ConfigError("identity_spread must be above 0 (at 0 every identity is the mean face)")
-    nuisance = default_nuisance if nuisance is None else _unit_float("nuisance", nuisance)
-    degrade = _unit_float("degrade", degrade)
+    nuisance = default_nuisance if nuisance is None else real_number(nuisance, "nuisance", 0.0, 1.0)
+    degrade = real_number(degrade, "degrade", 0.0, 1.0)
     if isinstance(formats, str):
         formats = (formats,)
     formats = tuple(dict.fromkeys(formats))
@@ -317,7 +294,7 @@ def generate_identities(out: str | os.PathLike, identities: int = 100, images_pe
     most = 2 * min(genuine_possible, impostor_possible)
     if pairs is None:
         pairs = min(DEFAULT_MAX_PAIRS, most)
-    pairs = _count("pairs", pairs, 0)
+    pairs = whole_number(pairs, "pairs", 0)
     if pairs > most:
         raise ConfigError(f"pairs={pairs} is more than the {most} balanced distinct pairs that "
                           f"{identities} identities x {per_identity} images allow")
@@ -446,12 +423,12 @@ def generate_quality(out: str | os.PathLike, labeled: int = 1000, unlabeled: int
     """
     started = time.perf_counter()
     progress = progress or Progress()
-    counts = (_count("labeled", labeled, 1), _count("unlabeled", unlabeled, 0), _count("test", test, 1))
+    counts = (whole_number(labeled, "labeled", 1), whole_number(unlabeled, "unlabeled", 0), whole_number(test, "test", 1))
     if counts[1] == 1:
         raise ConfigError("unlabeled must be 0 or at least 2 (it is split into two halves)")
-    size = _size(size)
-    seed = _count("seed", seed, 0)
-    nuisance = _unit_float("nuisance", nuisance)
+    size = whole_number(size, "size", 32, 1024)
+    seed = whole_number(seed, "seed", 0)
+    nuisance = real_number(nuisance, "nuisance", 0.0, 1.0)
     workers = _workers(workers)
     settings = {"kind": "quality", "labeled": counts[0], "unlabeled": counts[1], "test": counts[2], "size": size,
                 "seed": seed, "nuisance": nuisance}
