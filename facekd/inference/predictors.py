@@ -62,7 +62,7 @@ def preprocess(images: torch.Tensor | np.ndarray, normalization: Mapping[str, Se
     if isinstance(images, np.ndarray):
         if images.dtype.kind not in "uif":
             raise FacekdError(f"images must be numeric (uint8 or float), got dtype {images.dtype}")
-        images = torch.from_numpy(np.ascontiguousarray(images))
+        images = torch.from_numpy(np.require(images, requirements=("C", "W")))  # a read-only array is copied
     if not isinstance(images, torch.Tensor):
         raise FacekdError(f"images must be a tensor or numpy array, got {type(images).__name__}")
     if images.dtype == torch.bool or images.is_complex():
@@ -104,7 +104,7 @@ def torch_outputs(model: nn.Module, images: np.ndarray) -> np.ndarray:
     """A FaceModel's raw float32 outputs on a uint8 NHWC batch, on the model's device, under
     `torch.inference_mode()` (the caller sets eval mode: see `evaluating`)."""
     device = model_device(model)
-    batch = torch.from_numpy(np.ascontiguousarray(images))
+    batch = torch.from_numpy(np.require(images, requirements=("C", "W")))  # a read-only array is copied
     if device.type == "cuda":
         batch = batch.pin_memory()
     with torch.inference_mode():
