@@ -103,7 +103,9 @@ def probe_image(path: str | os.PathLike, max_pixels: int | None = None) -> tuple
     Makes every check of `read_image` short of decoding: the file exists and is readable, its
     signature is recognised, its structure is complete (not truncated) and its size is within
     `max_pixels`. Raises DataError(path, reason) otherwise. A file that passes can still fail to
-    decode (corrupt compressed data behind an intact structure)."""
+    decode (corrupt compressed data behind an intact structure). Not Pillow's lazy `Image.open`:
+    it accepts truncated JPEG, PNG, BMP and PPM files (it reads only the size) and refuses
+    truncated TIFF and WebP with no reason, where this names "truncated PNG", "end-of-image"..."""
     data = _read_bytes(path)
     if not data:
         raise DataError(str(path), "empty file")
