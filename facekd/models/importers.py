@@ -9,6 +9,11 @@ facekd model files.
   file records that code's test preprocessing — Resize(shorter side S) + CenterCrop(S),
   ImageNet mean/std, S = 352 (EdgeNeXt) or 448 (Swin) — and every facekd path (score, eval,
   ONNX, `facekd.load`) applies it.
+- `insightface`: arcface_torch's `backbone.pth` (`torch.save(backbone.state_dict())`) of
+  `--arch r18|r34|r50|r100` (IResNet: trunk keys as facekd's, head `bn2`, `fc`, `features`)
+  or `mbf` / `mbf_large` (MobileFaceNet with `scale` 2 / 4: `layers.*`, `conv_sep`, GDC
+  `features`); the embedding size is read from the weights. Input 112×112 RGB,
+  (x − 127.5) / 127.5, as arcface_torch trains and evaluates.
 - `timm`: a timm backbone state dict (e.g. from a Hugging Face cache) as the trunk of a
   `timm/<name>` quality model, its head newly initialised: the starting point of training.
 
@@ -19,6 +24,7 @@ written unless every key fits.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,7 +34,11 @@ import torch
 from facekd.errors import ConfigError, DataError
 from facekd.models.backbones import describe_keys, read_state_dict
 
-FORMATS = ("efficient-fiqa", "timm")
+FORMATS = ("efficient-fiqa", "insightface", "timm")
+#: arcface_torch's network names: facekd architecture and options.
+INSIGHTFACE_ARCHS = {"r18": ("iresnet18", {}), "r34": ("iresnet34", {}), "r50": ("iresnet50", {}),
+                     "r100": ("iresnet100", {}), "mbf": ("mobilefacenet", {"stage_scale": 2}),
+                     "mbf_large": ("mobilefacenet", {"stage_scale": 4, "blocks": [2, 8, 12, 4]})}
 EFFICIENT_FIQA_SIZES = {"timm": 352, "torchvision": 448}  # the seed's test image sizes
 _EDGENEXT_CANDIDATES = ("edgenext_xx_small", "edgenext_x_small", "edgenext_small", "edgenext_base")
 _SWIN_CANDIDATES = ("swin_t", "swin_s", "swin_b")
@@ -115,6 +125,54 @@ def _efficient_fiqa(path: Path, state: dict[str, torch.Tensor], input_size: int 
     return model, own
 
 
+def insightface_key(key: str, last_layer: int) -> str:
+    """arcface_torch's name for the facekd key `key` of an IResNet or MobileFaceNet (whose trunk
+    has `last_layer + 1` entries in `layers`)."""
+    if key.startswith("head."):
+        iresnet = {"head.bn.": "bn2.", "head.fc.": "fc.", "head.features.": "features."}
+        mbf = {"head.gdc.": "features.layers.0.layers.0.", "head.bn.": "features.layers.0.layers.1.",
+               "head.fc.": "features.layers.2.", "head.features.": "features.layers.3."}
+        table = mbf if last_layer else iresnet
+        prefix = next(p for p in table if key.startswith(p))
+        return table[prefix] + key[len(prefix):]
+    key = key[len("backbone."):]
+    if not last_layer:
+        return key  # IResNet: the trunk's names are arcface_torch's
+    key = re.sub(rf"^layers\.{last_layer}\.", "conv_sep.", key)
+    key = re.sub(r"^layers\.(\d+)\.(\d+)\.", r"layers.\1.layers.\2.", key)  # a Residual stage's blocks
+    for name, index in (("expand", 0), ("depthwise", 1), ("project", 2), ("conv", 0), ("bn", 1), ("act", 2)):
+        key = key.replace(f".{name}.", f".layers.{index}.")
+    return key
+
+
+def _insightface(path: Path, state: dict[str, torch.Tensor], arch: str | None):
+    """The facekd model of an arcface_torch backbone state dict, and its weights under facekd's names."""
+    from facekd.models.registry import build_model
+
+    if arch not in INSIGHTFACE_ARCHS:
+        raise ConfigError(f"format 'insightface' needs --arch, one of {', '.join(INSIGHTFACE_ARCHS)} "
+                          f"(arcface_torch's network name), got {arch!r}")
+    state = _strip(state, "module.") if all(k.startswith("module.") for k in state) else state  # DDP
+    name, options = INSIGHTFACE_ARCHS[arch]
+    fc = state.get("fc.weight" if name.startswith("iresnet") else "features.layers.2.weight")
+    model = build_model(name, 112, embedding_size=int(fc.shape[0]) if fc is not None and fc.ndim == 2 else 512,
+                        **options)
+    last = len(model.backbone.layers) - 1 if name == "mobilefacenet" else 0
+    names = {insightface_key(key, last): key for key in model.state_dict()}
+    missing = [k for k in names if k not in state]
+    unexpected = [k for k in state if k not in names]
+    if missing or unexpected:
+        parts = [f"missing keys: {describe_keys(missing)}"] if missing else []
+        parts += [f"unexpected keys: {describe_keys(unexpected)}"] if unexpected else []
+        raise DataError(path, f"not an arcface_torch {arch} backbone ({'; '.join(parts)})")
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(state[k].shape)} ≠ {tuple(own[key].shape)}" for k, key in names.items()
+             if state[k].shape != own[key].shape]
+    if wrong:
+        raise DataError(path, f"shapes do not fit arcface_torch {arch}: {describe_keys(wrong)}")
+    return model, {key: state[k] for k, key in names.items()}
+
+
 def _timm(path: Path, state: dict[str, torch.Tensor], arch: str | None, input_size: int | None):
     """A `timm/<name>` quality model whose trunk holds the timm state dict `state`."""
     from facekd.models.backbones import TimmTrunk
@@ -139,16 +197,21 @@ def import_checkpoint(fmt: str, checkpoint: str | os.PathLike, out: str | os.Pat
         raise ConfigError(f"unknown checkpoint format {fmt!r}; choose from {', '.join(FORMATS)}")
     path = Path(checkpoint)
     state = read_state_dict(path)
-    if fmt == "efficient-fiqa":
-        if arch is not None:
-            raise ConfigError("format 'efficient-fiqa' recognises the network from its keys; drop --arch")
-        model, weights = _efficient_fiqa(path, state, input_size)
+    if fmt == "timm":
+        model = _timm(path, state, arch, input_size)
+    else:
+        if fmt == "efficient-fiqa":
+            if arch is not None:
+                raise ConfigError("format 'efficient-fiqa' recognises the network from its keys; drop --arch")
+            model, weights = _efficient_fiqa(path, state, input_size)
+        else:
+            if input_size not in (None, 112):
+                raise ConfigError("format 'insightface': arcface_torch networks take 112×112 faces; drop --input-size")
+            model, weights = _insightface(path, state, arch)
         missing = [k for k in model.state_dict() if k not in weights]
         if missing:
             raise DataError(path, f"missing keys for {model.arch}: {describe_keys(missing)}")
         model.load_state_dict(weights, strict=True)
-    else:
-        model = _timm(path, state, arch, input_size)
     source = {"format": fmt, "file": path.name, "sha256": file_digest(path)}
     written = save_model(model.eval(), out, training_config={"imported_from": source})
     return ImportReport(written, fmt, model.arch, model.input_size, model.resize, count_params(model),

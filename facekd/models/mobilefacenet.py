@@ -7,7 +7,10 @@ depthwise (GDC) embedding head is `facekd.models.heads.GDCHead`.
 
 `width_mult=1` is the paper's network (about 1.2 M parameters and 0.23 G multiply-adds with
 a 512-d GDC head). `width_mult` scales every width (stage channels and expansions) alike;
-arcface_torch's `mbf` (scale=2) instead widens only the stage channels, so its sizes differ.
+`stage_scale` is arcface_torch's `scale`: it widens only the stage channels (64·s, 128·s),
+the expansions keep their widths (128, 128, 256, 256, 512, 256) and the first depthwise conv
+its 64 groups. arcface_torch's `mbf` is `stage_scale=2`, its `mbf_large` `stage_scale=4` with
+`blocks=(2, 8, 12, 4)`; `facekd import insightface` maps their weights onto this network.
 """
 
 from __future__ import annotations
@@ -74,25 +77,27 @@ class MobileFaceNet(nn.Module):
     stride = 16
 
     def __init__(self, width_mult: float = 1.0, blocks: Sequence[int] = DEFAULT_BLOCKS,
-                 out_channels: int = 512):
+                 out_channels: int = 512, stage_scale: int = 1):
         super().__init__()
         if len(blocks) != 4 or any(int(b) < 1 for b in blocks):
             raise ValueError("blocks needs four positive repeat counts")
-        c64 = make_divisible(64 * width_mult)
-        c128 = make_divisible(128 * width_mult)
+        if stage_scale != 1 and width_mult != 1:
+            raise ValueError("stage_scale (arcface_torch's scale) and width_mult cannot be combined")
+        p64, p128 = make_divisible(64 * width_mult), make_divisible(128 * width_mult)  # expansion bases
+        c64, c128 = p64 * stage_scale, p128 * stage_scale  # stage channels
         b0, b1, b2, b3 = (int(b) for b in blocks)
         layers: list[nn.Module] = [ConvBlock(3, c64, 3, stride=2)]
         if b0 == 1:
-            layers.append(ConvBlock(c64, c64, 3, groups=c64))
+            layers.append(ConvBlock(c64, c64, 3, groups=p64))
         else:
-            layers.append(_residual_stage(c64, 2 * c64, b0))
+            layers.append(_residual_stage(c64, 2 * p64, b0))
         layers += [
-            DepthWiseBottleneck(c64, c64, 2 * c64, stride=2),
-            _residual_stage(c64, 2 * c64, b1),
-            DepthWiseBottleneck(c64, c128, 4 * c64, stride=2),
-            _residual_stage(c128, 2 * c128, b2),
-            DepthWiseBottleneck(c128, c128, 4 * c128, stride=2),
-            _residual_stage(c128, 2 * c128, b3),
+            DepthWiseBottleneck(c64, c64, 2 * p64, stride=2),
+            _residual_stage(c64, 2 * p64, b1),
+            DepthWiseBottleneck(c64, c128, 4 * p64, stride=2),
+            _residual_stage(c128, 2 * p128, b2),
+            DepthWiseBottleneck(c128, c128, 4 * p128, stride=2),
+            _residual_stage(c128, 2 * p128, b3),
             ConvBlock(c128, out_channels, 1),
         ]
         self.layers = nn.Sequential(*layers)
@@ -104,14 +109,17 @@ class MobileFaceNet(nn.Module):
 
 
 def _register() -> None:
+    from facekd.errors import ConfigError
     from facekd.models.heads import GDCHead
     from facekd.models.registry import register_arch
 
     @register_arch("mobilefacenet", "recognition", 112,
                    "MobileFaceNet (Chen et al. 2018), global depthwise conv (GDC) embedding head", stride=16)
     def _build(input_size: int, *, embedding_size: int = 512, dropout: float = 0.0, width_mult: float = 1.0,
-               blocks: Sequence[int] = DEFAULT_BLOCKS):
-        backbone = MobileFaceNet(width_mult=width_mult, blocks=blocks)
+               blocks: Sequence[int] = DEFAULT_BLOCKS, stage_scale: int = 1):
+        if stage_scale != 1 and width_mult != 1:
+            raise ConfigError("mobilefacenet: give stage_scale (arcface_torch's scale) or width_mult, not both")
+        backbone = MobileFaceNet(width_mult=width_mult, blocks=blocks, stage_scale=stage_scale)
         head = GDCHead(backbone.out_channels, input_size // backbone.stride, embedding_size, dropout)
         return backbone, head
 
