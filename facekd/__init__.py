@@ -8,12 +8,13 @@ from __future__ import annotations
 from facekd.version import __version__
 
 
-def load(path, device="cpu", batch_size: int = 64):
-    """Load a `.safetensors` model file (PyTorch) or an exported `.onnx` file (ONNX Runtime, CPU)
-    as a quality scorer or a face embedder."""
+def load(path, device="cpu", batch_size: int = 64, convention=None):
+    """Load a `.safetensors` model file (PyTorch) or an `.onnx` file (ONNX Runtime, CPU) as a
+    quality scorer or a face embedder; a recognizer graph from elsewhere (insightface's zoo)
+    with its `convention` (`facekd.inference.InputConvention`)."""
     from facekd.inference.predictors import load as _load
 
-    return _load(path, device=device, batch_size=batch_size)
+    return _load(path, device=device, batch_size=batch_size, convention=convention)
 
 
 __all__ = ["__version__", "load"]

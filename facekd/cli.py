@@ -167,13 +167,15 @@ def _inference_job(args: argparse.Namespace, job) -> int:
     out = shard_output(args.out, shard)
     progress = _progress(args)
     files = resolve_inputs(args.paths, check_files=False)
+    convention = _convention(args)
     model, choice = open_model(args.model, backend=args.backend, device=args.device, threads=args.threads,
                                batch_size=args.batch_size, decode_sample=files[:: max(1, len(files) // 16)][:16],
-                               progress=progress)
+                               progress=progress, convention=convention)
     threads = f"{choice.threads} thread" + ("s" if choice.threads > 1 else "")
     progress.log(f"{choice.backend} on {choice.device}, {threads}, batches of {choice.batch_size}: {choice.reason}")
     summary = job(model, args.paths, out, batch_size=choice.batch_size, strict=args.strict, resume=args.resume,
-                  overwrite=args.overwrite, workers=args.workers, fingerprint=file_digest(args.model), shard=shard,
+                  overwrite=args.overwrite, workers=args.workers, shard=shard,
+                  fingerprint=file_digest(args.model) + (json.dumps(convention.to_dict()) if convention else ""),
                   backend=choice.to_dict(), progress=progress, files=files)
     table = summary.to_dict()
     table["backend"] = f"{choice.backend} ({choice.reason})"
@@ -252,7 +254,8 @@ def cmd_recognition_distill(args: argparse.Namespace) -> int:
     config = _recognition_config(args)
     if args.method:
         config.distill.method = args.method
-    report = train_recognition(config, args.out, role="student", teacher_path=args.teacher, progress=_progress(args))
+    report = train_recognition(config, args.out, role="student", teacher_path=args.teacher,
+                               teacher_convention=_convention(args), progress=_progress(args))
     _print_recognition(report, f"student ({config.distill.method})")
     return 0
 
@@ -265,13 +268,14 @@ def cmd_recognition_eval(args: argparse.Namespace) -> int:
 
     sets = (args.pairs or []) + (args.bin or []) + (args.identities or [])
     result = evaluate_model(args.model, sets, args.out, batch_size=args.batch_size, flip=not args.no_flip,
-                            progress=_progress(args))
+                            convention=_convention(args), progress=_progress(args))
     if args.json:
         _print_json(result)
         return 0
-    model = load_model(args.model)
-    cost = {"arch": model.arch, "params": count_params(model), "gflops": count_flops(model, model.input_size) / 1e9,
-            "cpu_ms_per_image": float("nan")}
+    cost = {"arch": result["arch"], "params": None, "gflops": None, "cpu_ms_per_image": None}
+    if Path(args.model).suffix.lower() != ".onnx":
+        model = load_model(args.model)
+        cost.update(params=count_params(model), gflops=count_flops(model, model.input_size) / 1e9)
     rows = {Path(name).name: {"report": report, **cost} for name, report in result["sets"].items()}
     _console().print(format_recognition_table(rows, f"Verification — {args.model}"))
     for name, report in result["sets"].items():
@@ -302,7 +306,8 @@ def cmd_evaluate_edc(args: argparse.Namespace) -> int:
 
     report = evaluate_edc(args.recognizer, args.quality, pairs=args.pairs, identities=args.identities, out=args.out,
                           fmr=args.fmr, start_fnmr=args.start_fnmr, limits=args.limit or (0.2, 0.3),
-                          batch_size=args.batch_size, names=args.name, progress=_progress(args))
+                          batch_size=args.batch_size, names=args.name, convention=_convention(args),
+                          progress=_progress(args))
     _console().print(format_edc_table(report))
     if report["skipped_images"]:
         first = report["skipped_images"][0]
@@ -360,6 +365,24 @@ def _add_config(parser: argparse.ArgumentParser, task: str, data_help: str) -> N
     parser.add_argument("--data", help=data_help)
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
     _add_common(parser)
+
+
+def _add_convention(parser: argparse.ArgumentParser, what: str = "MODEL") -> None:
+    """Options giving the input convention of an .onnx recognizer from elsewhere."""
+    group = parser.add_argument_group(f"{what} as an .onnx recognizer from elsewhere (no facekd metadata)")
+    group.add_argument("--preset", choices=("insightface",),
+                       help="insightface: RGB, (x - 127.5) / 127.5 (0 / 1 when the graph normalises inside)")
+    group.add_argument("--input-mean", type=float, nargs="+", metavar="M", help="1 or 3 (R G B) values")
+    group.add_argument("--input-std", type=float, nargs="+", metavar="S", help="1 or 3 (R G B) values")
+    group.add_argument("--bgr", action="store_true", help="the graph takes BGR images")
+
+
+def _convention(args: argparse.Namespace):
+    from facekd.inference import InputConvention
+
+    one = (lambda v: v[0] if v and len(v) == 1 else v)
+    return InputConvention.from_options(getattr(args, "preset", None), one(getattr(args, "input_mean", None)),
+                                        one(getattr(args, "input_std", None)), getattr(args, "bgr", False))
 
 
 def _add_inference(parser: argparse.ArgumentParser, batch_size: int) -> None:
@@ -495,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--teacher", help="teacher model file (default: distill.teacher of the config)")
     distill.add_argument("--method", choices=("none", "feature", "rkd", "similarity", "ekd"),
                          help="distillation method (default: distill.method of the config)")
+    _add_convention(distill, "--teacher")
     distill.set_defaults(func=cmd_recognition_distill)
 
     reval = recognition_commands.add_parser("eval", help="verification accuracy, TPR@FPR and ROC of a model")
@@ -506,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     reval.add_argument("--batch-size", type=int, default=128)
     reval.add_argument("--no-flip", action="store_true", help="embed without the flipped image")
     reval.add_argument("--json", action="store_true", help="print JSON")
+    _add_convention(reval)
     _add_common(reval)
     reval.set_defaults(func=cmd_recognition_eval)
 
@@ -515,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--out", required=True, help=".npz to write (paths, embeddings); bad files → <stem>.errors.csv")
     embed.add_argument("--flip", action="store_true", help="add the flipped image's embedding (as in eval)")
     _add_inference(embed, batch_size=128)
+    _add_convention(embed)
     embed.set_defaults(func=cmd_recognition_embed)
 
     evaluate_cmd = commands.add_parser("evaluate", help="quality judged by recognition (EDC)")
@@ -531,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     edc.add_argument("--start-fnmr", type=float, help="fix the threshold at this starting FNMR instead")
     edc.add_argument("--limit", type=float, action="append", help="pAUC discard limit, repeatable (default 0.2, 0.3)")
     edc.add_argument("--batch-size", type=int, default=64)
+    _add_convention(edc, "--recognizer")
     _add_common(edc)
     edc.set_defaults(func=cmd_evaluate_edc)
 
@@ -543,12 +570,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     imp = commands.add_parser("import", help="convert another tool's checkpoint into a facekd model file",
                               description="Formats: efficient-fiqa (Efficient-FIQA's released EdgeNeXt-XXS / "
-                                          "Swin-B .pt, recognised from its keys), timm (a timm backbone state "
-                                          "dict as the trunk of a quality model; needs --arch timm/<name>).")
-    imp.add_argument("format", choices=["efficient-fiqa", "timm"])
+                                          "Swin-B .pt, recognised from its keys), insightface (arcface_torch's "
+                                          "backbone.pth; needs --arch r18|r34|r50|r100|mbf|mbf_large), timm (a "
+                                          "timm backbone state dict as the trunk of a quality model; needs --arch "
+                                          "timm/<name>).")
+    imp.add_argument("format", choices=["efficient-fiqa", "insightface", "timm"])
     imp.add_argument("checkpoint", help=".pt/.pth (read with torch.load(weights_only=True)) or .safetensors")
     imp.add_argument("--out", required=True, help="the facekd model file to write (.safetensors)")
-    imp.add_argument("--arch", help="timm: the timm model, e.g. timm/edgenext_xx_small")
+    imp.add_argument("--arch", help="insightface: r18, r34, r50, r100, mbf or mbf_large; timm: the timm model, "
+                                    "e.g. timm/edgenext_xx_small")
     imp.add_argument("--input-size", type=int, help="input side (default: the checkpoint's own, 352 / 448)")
     _add_common(imp)
     imp.set_defaults(func=cmd_import)

@@ -69,10 +69,12 @@ def _decode(paths: list[Path], geometry, cache: dict, progress: Progress):
 def evaluate_edc(recognizer: PathLike, qualities: Sequence[PathLike], *, pairs: PathLike | None = None,
                  identities: PathLike | None = None, out: PathLike | None = None, fmr: float = 1e-3,
                  start_fnmr: float | None = None, limits: Sequence[float] = (0.2, 0.3), batch_size: int = 64,
-                 names: Sequence[str] | None = None, progress: Progress | None = None) -> dict[str, Any]:
+                 names: Sequence[str] | None = None, convention=None, progress: Progress | None = None) -> dict[str, Any]:
     """EDC report of each quality model (with the random and embedding-norm baselines); with
-    `out`, writes out/report.json and out/edc.png."""
+    `out`, writes out/report.json and out/edc.png. The recognizer may be an `.onnx` file (a
+    recognizer from elsewhere with its `convention`, see `facekd.inference.predictors.load`)."""
     from facekd.evaluation.edc import edc_report, pair_quality, plot_edc
+    from facekd.inference.predictors import load
     from facekd.models.artifact import load_model
     from facekd.io.decode import check_batch_size
     from facekd.quality.pseudo import predict
@@ -88,10 +90,10 @@ def evaluate_edc(recognizer: PathLike, qualities: Sequence[PathLike], *, pairs: 
         raise ConfigError(f"quality names must be unique, one per model: {names}")
     paths, first, second, issame = comparisons(pairs, identities)
     cache: dict = {}
-    fr_model = load_model(recognizer)
+    fr_model = load(recognizer, batch_size=batch_size, convention=convention)  # .safetensors or .onnx
     check_embedder(fr_model, recognizer)
     images, readable, errors = _decode(paths, fr_model.geometry, cache, progress)
-    progress.log(f"embedding {len(paths)} images with {fr_model.arch}")
+    progress.log(f"embedding {len(paths)} images with {fr_model.info['arch']}")
     embeddings, norms = embed_images(fr_model, images, batch_size, flip=True, with_norms=True)
     image_quality = {EMBEDDING_NORM: norms}
     for name, path in zip(names, qualities):
@@ -118,7 +120,7 @@ def evaluate_edc(recognizer: PathLike, qualities: Sequence[PathLike], *, pairs: 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result.files = ResultFiles(plot=PLOT_FILE)
-    plot_edc(result.to_dict(), out / PLOT_FILE, title=f"EDC — recognizer {fr_model.arch}, threshold at "
+    plot_edc(result.to_dict(), out / PLOT_FILE, title=f"EDC — recognizer {fr_model.info['arch']}, threshold at "
              + (f"FMR {fmr:g}" if start_fnmr is None else f"FNMR {start_fnmr:g}"))
     return {**write_result(result, out), "plot": str(out / PLOT_FILE)}
 

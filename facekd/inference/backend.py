@@ -132,7 +132,7 @@ def thread_counts(cores: int) -> list[int]:
 
 def open_model(model_path: str | os.PathLike, *, backend: str = "auto", device: str = "cpu",
                threads: int | None = None, batch_size: int = 64, decode_sample: Sequence[os.PathLike] = (),
-               progress: Progress | None = None):
+               progress: Progress | None = None, convention=None):
     """`(predictor, BackendChoice)` for a model file (see the module doc).
 
     "auto" on the CPU picks the backend, the number of inference threads (unless `threads` is
@@ -142,7 +142,8 @@ def open_model(model_path: str | os.PathLike, *, backend: str = "auto", device: 
     needs on the same cores (`pipeline_rate`). A small model beside heavy JPEG decoding often
     does best with one thread; a big one takes every core. With PyTorch the thread count is
     `torch.set_num_threads`, a process-wide setting. ONNX Runtime threads sleep when idle, so
-    decoding threads get the cores between batches."""
+    decoding threads get the cores between batches. `convention`: the `InputConvention` of an
+    `.onnx` recognizer from elsewhere (see `facekd.inference.predictors.load`)."""
     import torch
 
     from facekd.inference.predictors import available_threads, check_threads, load, load_onnx
@@ -169,9 +170,9 @@ def open_model(model_path: str | os.PathLike, *, backend: str = "auto", device: 
         nonlocal onnx_file
         if name == "onnx":
             onnx_file = onnx_file or cached_onnx(path)
-            return load_onnx(onnx_file, threads=count, batch_size=batch_size, spinning=False)
+            return load_onnx(onnx_file, threads=count, batch_size=batch_size, spinning=False, convention=convention)
         torch.set_num_threads(count)
-        return load(path, device=device, batch_size=batch_size)
+        return load(path, device=device, batch_size=batch_size, convention=convention)
 
     if backend == "torch" or (backend == "auto" and device != "cpu"):
         reason = "asked for" if backend == "torch" else f"{device} runs PyTorch"

@@ -24,10 +24,11 @@ from torch import nn
 
 from facekd.checks import whole_number
 from facekd.errors import ConfigError, DataError, FacekdError
+from facekd.inference.conventions import InputConvention, foreign_info
 from facekd.io.decode import check_batch_size
 from facekd.models.cost import model_device
 
-__all__ = ["EmbeddingOutputs", "FaceEmbedder", "OnnxFaceEmbedder", "OnnxQualityModel", "QualityModel",
+__all__ = ["EmbeddingOutputs", "FaceEmbedder", "InputConvention", "OnnxFaceEmbedder", "OnnxQualityModel", "QualityModel",
            "QualityOutputs", "available_threads", "check_normalization", "evaluating", "load", "load_onnx",
            "make_session", "mirror", "model_device", "preprocess", "torch_outputs"]
 
@@ -292,9 +293,10 @@ def _check_signature(path: Path, session, info) -> None:
         raise DataError(path, "ONNX graph does not match its facekd metadata: " + "; ".join(problems))
 
 
-def _open_session(path: Path, threads: int | None, spinning: bool):
-    """(session, ModelInfo) of a checked facekd `.onnx` file."""
-    from facekd.models.artifact import check_model_path, parse_metadata
+def _open_session(path: Path, threads: int | None, spinning: bool, convention: InputConvention | None):
+    """(session, ModelInfo, convention) of a checked `.onnx` file: a facekd export (convention
+    None), or a recognizer from elsewhere in the given `InputConvention`."""
+    from facekd.models.artifact import FORMAT, check_model_path, parse_metadata
 
     check_threads(threads)
     check_model_path(path, ".onnx")
@@ -302,33 +304,48 @@ def _open_session(path: Path, threads: int | None, spinning: bool):
         session = make_session(path, threads, spinning)
     except Exception as error:  # ONNX Runtime raises its own types (InvalidProtobuf, Fail, ...)
         raise DataError(path, f"not a readable ONNX model ({first_line(error)})") from None
-    info = parse_metadata(path, dict(session.get_modelmeta().custom_metadata_map))
+    metadata = dict(session.get_modelmeta().custom_metadata_map)
+    if metadata.get("format") != FORMAT:
+        if convention is None:
+            raise DataError(path, "not a facekd model file (no facekd metadata); as a recognizer from elsewhere it "
+                                  "needs its input convention (--preset insightface, or --input-mean/--input-std "
+                                  "[--bgr])")
+        convention = convention.for_graph(path)
+        return session, foreign_info(path, session, convention), convention
+    if convention is not None:
+        raise ConfigError(f"{path}: a facekd export carries its input convention; drop --preset, --input-mean, "
+                          "--input-std and --bgr")
+    info = parse_metadata(path, metadata)
     _check_signature(path, session, info)
-    return session, info
+    return session, info, None
 
 
 class OnnxPredictor(BatchPredictor):
     """An exported `.onnx` file on ONNX Runtime (CPU); see `load_onnx`."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, batch_size: int = 64,
-                 spinning: bool = True, *, opened: tuple | None = None):
+                 spinning: bool = True, *, convention: InputConvention | None = None, opened: tuple | None = None):
         path = Path(path)
         check_batch_size(batch_size)
-        session, info = opened or _open_session(path, threads, spinning)
+        session, info, self.convention = opened or _open_session(path, threads, spinning, convention)
         if info.task != self.task:
             other = "OnnxFaceEmbedder" if info.task == "recognition" else "OnnxQualityModel"
             raise DataError(path, f"is a {info.task} model, not {self.task}; use {other} or load_onnx")
         super().__init__(info.geometry, batch_size)
         self.path, self.model_info, self._session = path, info, session
-        self._output = OUTPUT_NAMES[info.task]
+        foreign = self.convention is not None
+        self._input = session.get_inputs()[0].name if foreign else INPUT_NAME
+        self._output = session.get_outputs()[0].name if foreign else OUTPUT_NAMES[info.task]
 
     @property
     def info(self) -> dict:
+        convention = {"input_convention": self.convention.to_dict()} if self.convention else {}
         return {"task": self.model_info.task, "arch": self.model_info.arch, "input_size": self.input_size,
-                "metrics": self.model_info.metrics, "format": "onnx", "path": str(self.path)}
+                "metrics": self.model_info.metrics, "format": "onnx", "path": str(self.path), **convention}
 
     def run_batch(self, batch: np.ndarray) -> np.ndarray:
-        return self._session.run([self._output], {INPUT_NAME: batch})[0]
+        images = batch if self.convention is None else self.convention.apply(batch)
+        return self._session.run([self._output], {self._input: images})[0]
 
 
 class OnnxQualityModel(QualityOutputs, OnnxPredictor):
@@ -345,27 +362,34 @@ class OnnxFaceEmbedder(EmbeddingOutputs, OnnxPredictor):
 
 
 def load_onnx(path: str | os.PathLike, threads: int | None = None, batch_size: int = 64,
-              spinning: bool = True) -> OnnxQualityModel | OnnxFaceEmbedder:
-    """Open a facekd `.onnx` file with ONNX Runtime (CPU) as the predictor its task calls for.
+              spinning: bool = True, convention: InputConvention | None = None) -> OnnxQualityModel | OnnxFaceEmbedder:
+    """Open an `.onnx` file with ONNX Runtime (CPU) as the predictor its task calls for: a facekd
+    export, or (with its `convention`) a recognizer from elsewhere, e.g. insightface's zoo.
 
     `threads`: intra-op threads (None = every core this process may use); `spinning`: see
-    `make_session`. Unreadable, foreign or mismatched files raise `DataError` naming the file."""
+    `make_session`. Unreadable or mismatched files raise `DataError` naming the file."""
     check_batch_size(batch_size)
-    session, info = opened = _open_session(Path(path), threads, spinning)
-    predictor = OnnxQualityModel if info.task == "quality" else OnnxFaceEmbedder
+    opened = _open_session(Path(path), threads, spinning, convention)
+    predictor = OnnxQualityModel if opened[1].task == "quality" else OnnxFaceEmbedder
     return predictor(path, threads, batch_size, spinning, opened=opened)
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 64):
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 64,
+         convention: InputConvention | None = None):
     """Load a facekd model file as a `QualityModel` or a `FaceEmbedder`, by its task.
 
-    A `.onnx` file (from `facekd.export.export_onnx`) loads with ONNX Runtime on the CPU as an
-    `OnnxQualityModel` or `OnnxFaceEmbedder` with the same `score`/`embed` API."""
+    A `.onnx` file loads with ONNX Runtime on the CPU as an `OnnxQualityModel` or
+    `OnnxFaceEmbedder` with the same `score`/`embed` API: a facekd export as it is, a
+    recognizer from elsewhere with its `convention` (`InputConvention.from_options(preset=
+    "insightface")` for insightface's model zoo)."""
     if Path(path).suffix.lower() == ".onnx":
         if torch.device(device).type != "cpu":
             raise ConfigError(f"{path}: ONNX models run with ONNX Runtime on the CPU; device {device!r} "
                               "is not supported (load the .safetensors file for other devices)")
-        return load_onnx(path, batch_size=batch_size)
+        return load_onnx(path, batch_size=batch_size, convention=convention)
+    if convention is not None:
+        raise ConfigError(f"{path}: a facekd model file carries its input convention; drop --preset, "
+                          "--input-mean, --input-std and --bgr")
     from facekd.models.artifact import load_model
 
     model = load_model(path, device=device)

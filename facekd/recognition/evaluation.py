@@ -112,11 +112,14 @@ def embed_images(model, images: np.ndarray, batch_size: int = 128, flip: bool = 
                  with_norms: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """L2-normalised float32 embeddings of uint8 NHWC images (flip: + the mirrored image's);
     `with_norms` also returns the norms before normalisation (a quality cue of the recognizer)."""
-    from facekd.inference.predictors import FaceEmbedder, evaluating
+    import contextlib
+
+    from facekd.inference.predictors import BatchPredictor, FaceEmbedder, evaluating
 
     out, norms = [], []
-    with evaluating(model):
-        predictor = FaceEmbedder(model, device=None, batch_size=batch_size)
+    given = isinstance(model, BatchPredictor)  # a predictor (e.g. ONNX Runtime) rather than a FaceModel
+    with contextlib.nullcontext() if given else evaluating(model):
+        predictor = model if given else FaceEmbedder(model, device=None, batch_size=batch_size)
         for start in range(0, len(images), batch_size):
             raw = predictor.raw(images[start:start + batch_size], flip)
             norms.append(np.linalg.norm(raw, axis=1))
@@ -163,20 +166,22 @@ def check_embedder(model, path: PathLike) -> None:
 
 
 def evaluate_model(model_path: PathLike, sets: list[PathLike], out: PathLike | None = None, *,
-                   batch_size: int = 128, flip: bool = True, progress: Progress | None = None) -> dict[str, Any]:
-    """Verification report of a model file on each set (pairs.txt, .bin or identity folder);
-    with `out`, writes out/report.json and out/roc.png (one curve per set)."""
+                   batch_size: int = 128, flip: bool = True, convention=None,
+                   progress: Progress | None = None) -> dict[str, Any]:
+    """Verification report of a model file (`.safetensors`, or `.onnx`: an export, or a
+    recognizer from elsewhere with its `convention`) on each set (pairs.txt, .bin or identity
+    folder); with `out`, writes out/report.json and out/roc.png (one curve per set)."""
     import json
 
+    from facekd.inference.predictors import load
     from facekd.io.atomic import atomic_write_text
-    from facekd.models.artifact import load_model
     from facekd.io.decode import check_batch_size
     from facekd.recognition.metrics import plot_roc, roc_curve
 
     if not sets:
         raise FacekdError("give a verification set: --pairs pairs.txt, --bin set.bin or --identities DIR")
     batch_size = check_batch_size(batch_size)
-    model = load_model(model_path)
+    model = load(model_path, batch_size=batch_size, convention=convention)
     check_embedder(model, model_path)
     progress = progress or Progress()
     reports, curves = {}, {}
@@ -185,12 +190,12 @@ def evaluate_model(model_path: PathLike, sets: list[PathLike], out: PathLike | N
         report, (scores, issame) = evaluate_embedder(model, data, batch_size, flip)
         reports[str(path)] = report
         curves[data.name] = roc_curve(scores, issame)[:2]
-    result = {"pipeline": "verification", "model": str(model_path), "arch": model.arch, "flip": flip,
+    result = {"pipeline": "verification", "model": str(model_path), "arch": model.info["arch"], "flip": flip,
               "sets": reports}
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        plot_roc(curves, out / "roc.png", title=f"{model.arch} ({Path(model_path).name})")
+        plot_roc(curves, out / "roc.png", title=f"{model.info['arch']} ({Path(model_path).name})")
         atomic_write_text(out / "report.json", json.dumps(result, indent=2) + "\n")
         result["roc"] = str(out / "roc.png")
     return result

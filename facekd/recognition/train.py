@@ -27,10 +27,12 @@ ROC_FILE = "roc.png"
 
 
 class RecognitionLoss(nn.Module):
-    """margin_softmax(model(x), y) + weight · distill(model(x), teacher(x), y)."""
+    """margin_softmax(model(x), y) + weight · distill(model(x), teacher(x), y); with
+    `margin_rows` the margin softmax takes only the batch's last `margin_rows` images (the
+    sampler's random part)."""
 
     def __init__(self, head: nn.Module, teacher: nn.Module | None = None, distill: nn.Module | None = None,
-                 weight: float = 1.0):
+                 weight: float = 1.0, margin_rows: int = 0):
         super().__init__()
         from facekd.engine import freeze
 
@@ -40,6 +42,7 @@ class RecognitionLoss(nn.Module):
         self.teacher = freeze(teacher) if teacher is not None else None
         self.distill = distill
         self.weight = float(weight)
+        self.margin_rows = int(margin_rows)
 
     def trainable_parameters(self):
         return list(self.head.parameters())
@@ -47,7 +50,8 @@ class RecognitionLoss(nn.Module):
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         images, labels = batch["image"], batch["label"]
         embeddings = model(images)
-        loss, metrics = self.head(embeddings, labels)
+        rows = slice(-self.margin_rows, None) if self.margin_rows else slice(None)
+        loss, metrics = self.head(embeddings[rows], labels[rows])
         metrics = {"margin_loss": loss.detach(), **metrics}
         if self.distill is not None:
             with torch.no_grad():
@@ -71,21 +75,57 @@ def _build(choice, role: str):
     return model
 
 
-def _load_teacher(path: Path, student) -> nn.Module:
-    from facekd.models.artifact import load_model
+class OnnxTeacher(nn.Module):
+    """A recognizer on ONNX Runtime (CPU) as the frozen teacher: the student's normalised batch
+    is turned back into its uint8 pixels, which the predictor embeds as its graph wants them."""
 
-    teacher = load_model(path)
+    def __init__(self, predictor, normalization: dict[str, list[float]]):
+        super().__init__()
+        self.predictor = predictor
+        self.task, self.arch, self.input_size = "recognition", predictor.info["arch"], predictor.input_size
+        self.register_buffer("mean", torch.tensor(normalization["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(normalization["std"]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = (images.float() * self.std + self.mean).round().clamp(0, 255).to(torch.uint8)
+        raw = self.predictor.raw(pixels.permute(0, 2, 3, 1).cpu().numpy())
+        return torch.from_numpy(raw).to(images.device)
+
+
+def _margin_rows(config: RecognitionConfig, train_cfg) -> int:
+    """Images of each process's batch the margin softmax takes (0: all): with `head.images: random`,
+    the random part, random_fraction × batch_size of them, last in the batch."""
+    if config.head.images == "all":
+        return 0
+    share = config.sampler.random_fraction * train_cfg.batch_size
+    if not config.sampler.images_per_identity or share < 1 or abs(share - round(share)) > 1e-9:
+        raise ConfigError(f"head.images: random needs balanced batches (sampler.images_per_identity) whose random "
+                          f"part is a whole number of images: random_fraction × batch_size = {share:g}")
+    return int(round(share))
+
+
+def _load_teacher(path: Path, student, convention=None) -> nn.Module:
+    """The frozen teacher: a facekd model file, or an `.onnx` recognizer (ONNX Runtime, CPU)."""
+    from facekd.inference.predictors import load
+
+    with torch.random.fork_rng(devices=[]):  # rebuilding the teacher draws no number of the student's run
+        predictor = load(path, convention=convention)
+    onnx = path.suffix.lower() == ".onnx"
+    teacher = OnnxTeacher(predictor, student.normalization) if onnx else predictor.model
     if teacher.task != "recognition":
         raise ConfigError(f"{path}: the teacher is a {teacher.task} model, not a recognition model")
-    if teacher.input_size != student.input_size or teacher.normalization != student.normalization:
-        raise ConfigError(f"{path}: the teacher takes {teacher.input_size}px images normalised "
-                          f"{teacher.normalization}, the student {student.input_size}px {student.normalization}; "
-                          "distillation feeds both the same images")
+    if teacher.input_size != student.input_size:
+        raise ConfigError(f"{path}: the teacher takes {teacher.input_size}px images, the student "
+                          f"{student.input_size}px; distillation feeds both the same images")
+    if not onnx and teacher.normalization != student.normalization:  # an ONNX teacher gets its own pixels
+        raise ConfigError(f"{path}: the teacher normalises images {teacher.normalization}, the student "
+                          f"{student.normalization}; distillation feeds both the same images")
     return teacher
 
 
 def train_recognition(config: RecognitionConfig, out_dir: str | Path, *, role: Literal["teacher", "student"],
-                      teacher_path: str | Path | None = None, progress: Progress | None = None) -> dict[str, Any]:
+                      teacher_path: str | Path | None = None, teacher_convention=None,
+                      progress: Progress | None = None) -> dict[str, Any]:
     """Train the config's `role` model; with a teacher (for the student, when the distillation
     method is not `none`) distil it. Returns the report (also written to out_dir/report.json)."""
     from facekd.engine import Trainer, derive_seed, seed_everything
@@ -112,7 +152,7 @@ def train_recognition(config: RecognitionConfig, out_dir: str | Path, *, role: L
         teacher_path = teacher_path or config.distill.teacher
         if teacher_path is None:
             raise ConfigError(f"distill.teacher: method {method!r} needs a teacher model (give --teacher MODEL)")
-        teacher = _load_teacher(Path(teacher_path), model)
+        teacher = _load_teacher(Path(teacher_path), model, teacher_convention)
         distill = build_distill_loss(method, **config.distill.options)
         from facekd.io.formats import file_digest
         teacher_info = {"path": str(teacher_path), "digest": file_digest(Path(teacher_path)), "arch": teacher.arch}
@@ -123,7 +163,7 @@ def train_recognition(config: RecognitionConfig, out_dir: str | Path, *, role: L
                                  progress=progress)
     head = MarginSoftmax(model.embedding_size, dataset.num_classes, config.head.kind, config.head.scale,
                          config.head.margin)
-    loss = RecognitionLoss(head, teacher, distill, config.distill.weight)
+    loss = RecognitionLoss(head, teacher, distill, config.distill.weight, _margin_rows(config, train_cfg))
 
     eval_sets = [load_verification_set(path, model.input_size, progress) for path in config.data.eval]
 
@@ -136,7 +176,7 @@ def train_recognition(config: RecognitionConfig, out_dir: str | Path, *, role: L
     def balanced_sampler(rank: int, world: int):
         return IdentityBatchSampler(dataset.labels, train_cfg.batch_size, config.sampler.images_per_identity,
                                     random_fraction=config.sampler.random_fraction, seed=train_cfg.seed,
-                                    rank=rank, world_size=world)
+                                    rank=rank, world_size=world, epoch=config.sampler.epoch)
 
     sampler = balanced_sampler if config.sampler.images_per_identity else None
 
@@ -197,7 +237,9 @@ def format_recognition_table(rows: dict[str, dict[str, Any]], title: str, levels
                 for level in levels]
         accuracy = "n/a" if report.get("accuracy") is None else f"{report['accuracy']:.4f}"
         table.add_row(label, row["arch"], row.get("method", ""), *tprs, f"{report['auc']:.4f}", f"{report['eer']:.4f}",
-                      accuracy, f"{row['params'] / 1e6:.3f}", f"{row['gflops']:.4f}", f"{row['cpu_ms_per_image']:.2f}")
+                      accuracy, *(f"{row[key] * scale:{spec}}" if row.get(key) is not None else "n/a"
+                                  for key, scale, spec in (("params", 1e-6, ".3f"), ("gflops", 1, ".4f"),
+                                                           ("cpu_ms_per_image", 1, ".2f"))))
     return table
 
 
