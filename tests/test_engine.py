@@ -504,3 +504,24 @@ def test_non_finite_weights_never_replace_the_last_good_checkpoint(tmp_path):
     state = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert state["step"] == 4
     assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_weight_decay_norms_false_leaves_normalisation_layers_undecayed(tmp_path):
+    class NoGradient(nn.Module):
+        def forward(self, model, batch):
+            return (model(batch[1]) * 0.0).sum(), {}
+
+    def trained(**settings) -> nn.Sequential:
+        seed_everything(1)
+        model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+        Trainer(config(epochs=1, weight_decay=0.5, **settings), tmp_path / str(settings)).fit(
+            model, NoGradient(), Regression())
+        return model
+
+    seed_everything(1)
+    start = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).state_dict()
+    shrink = (1 - 0.05 * 0.5) ** (32 // 8)  # lr 0.05, four steps of pure weight decay
+    for settings, norm_shrink in (({}, shrink), ({"weight_decay_norms": False}, 1.0)):
+        model = trained(**settings)
+        assert torch.allclose(model[0].weight, start["0.weight"] * shrink, atol=1e-6)
+        assert torch.allclose(model[1].weight, start["1.weight"] * norm_shrink, atol=1e-6)

@@ -245,3 +245,34 @@ def test_ekd_distillation_on_two_processes(faces, tmp_path):
     assert [r["step"] for r in history if r["event"] == "train"] == [1, 2, 3]
     assert all(r["ekd_thr_student"] == r["ekd_thr_student"] for r in history if r["event"] == "train")  # not NaN
     assert (tmp_path / "run" / "model.safetensors").is_file() and (tmp_path / "run" / "report.json").is_file()
+
+
+def test_tface_sampler_epoch_and_random_part_last_on_every_rank():
+    labels = np.repeat(np.arange(20), 5)
+    assert len(IdentityBatchSampler(labels, 16, 4, random_fraction=0.5, epoch="random_images")) == 100 // 8
+    with pytest.raises(ConfigError, match="random_images with random_fraction > 0"):
+        IdentityBatchSampler(labels, 16, 4, epoch="random_images")
+    one = IdentityBatchSampler(labels, 16, 4, random_fraction=0.5, seed=3)
+    ranks = [IdentityBatchSampler(labels, 8, 4, random_fraction=0.5, seed=3, rank=r, world_size=2) for r in range(2)]
+    for whole, *parts in zip(one, *ranks):
+        assert sorted(sum(parts, [])) == sorted(whole)
+        assert sorted(parts[0][4:] + parts[1][4:]) == sorted(whole[8:])  # each rank's last 4: the random part
+        assert sorted(Counter(labels[parts[0][:4] + parts[1][:4]]).values()) == [4, 4]
+
+
+def test_margin_softmax_on_the_random_part_only(faces):
+    from facekd.losses.margin import MarginSoftmax
+    from facekd.recognition.train import RecognitionLoss, _margin_rows
+
+    torch.manual_seed(0)
+    head = MarginSoftmax(8, 5, "arcface", 16.0, 0.5)
+    model = torch.nn.Linear(3, 8)
+    batch = {"image": torch.randn(6, 3), "label": torch.tensor([0, 1, 2, 3, 4, 0])}
+    loss, metrics = RecognitionLoss(head, margin_rows=2)(model, batch)
+    expected, _ = head(model(batch["image"][-2:]), batch["label"][-2:])
+    assert torch.allclose(loss, expected) and not torch.allclose(loss, head(model(batch["image"]), batch["label"])[0])
+    config = tiny_config(faces, head={"images": "random", "scale": 16.0})
+    assert _margin_rows(config, config.student_train) == 4  # random_fraction 0.25 × batch 16
+    config.sampler.random_fraction = 0.3
+    with pytest.raises(ConfigError, match=r"head\.images: random needs .* = 4\.8"):
+        _margin_rows(config, config.student_train)

@@ -97,6 +97,12 @@ def is_frozen(module: nn.Module) -> bool:
     return bool(getattr(module, FROZEN_ATTR, False))
 
 
+def _norm_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the normalisation layers (BatchNorm, LayerNorm, GroupNorm, InstanceNorm) in `module`."""
+    kinds = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+    return [p for m in module.modules() if isinstance(m, kinds) for p in m.parameters(recurse=False)]
+
+
 # ----------------------------------------------------------------------------- config
 
 class TrainConfig(ConfigModel):
@@ -110,6 +116,7 @@ class TrainConfig(ConfigModel):
     optimizer: Literal["sgd", "adamw"] = "adamw"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    weight_decay_norms: bool = True  # false: no weight decay on normalisation layers (BatchNorm, LayerNorm, ...)
     momentum: float = Field(0.9, ge=0, lt=1)  # SGD only
     nesterov: bool = False  # SGD only
     schedule: Literal["cosine", "poly", "steps", "constant"] = "cosine"
@@ -442,6 +449,10 @@ class _Run:
             if callable(extra):
                 params += [p for p in extra() if p.requires_grad]
             groups = [{"params": params}]
+            if not self.cfg.weight_decay_norms:
+                norms = {id(p) for m in [self.model, self.loss_fn] for p in _norm_parameters(m)}
+                groups = [{"params": [p for p in params if id(p) not in norms]},
+                          {"params": [p for p in params if id(p) in norms], "weight_decay": 0.0}]
         else:
             groups = [dict(g, params=list(g["params"])) for g in param_groups]
         for group in groups:

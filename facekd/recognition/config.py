@@ -20,19 +20,24 @@ class RecognitionData(ConfigModel):
 
 
 class MarginHead(ConfigModel):
-    """Margin softmax: ArcFace (s 64, m 0.5) or CosFace (s 64, m 0.35); None takes those defaults."""
+    """Margin softmax: ArcFace (s 64, m 0.5) or CosFace (s 64, m 0.35); None takes those defaults.
+    `images`: what it is computed on, all of the batch or only its random part (TFace's EKD:
+    the margin softmax on the random images, distillation on the whole batch)."""
 
     kind: Literal["arcface", "cosface"] = "arcface"
     scale: Optional[float] = None
     margin: Optional[float] = None
+    images: Literal["all", "random"] = "all"
 
 
 class Sampler(ConfigModel):
     """`images_per_identity` K ≥ 2 gives balanced batches (P identities × K images, plus
-    `random_fraction` of random images); 0 gives plain shuffled batches."""
+    `random_fraction` of random images); 0 gives plain shuffled batches. `epoch`: images
+    (len(set) images an epoch) or random_images (len(set) random images an epoch, TFace's EKD)."""
 
     images_per_identity: int = 0
     random_fraction: float = Field(0.0, ge=0, lt=1)
+    epoch: Literal["images", "random_images"] = "images"
 
     @field_validator("images_per_identity")
     @classmethod

@@ -157,12 +157,16 @@ class IdentityBatchSampler:
     random images; the rest is filled with K images of each of the next identities of a
     shuffled identity order (identities with fewer than K images give all they have, those
     with one image are never drawn as P×K identities since they make no positive pair). The
-    global batch is dealt `rank::world_size`, so a run on N processes sees the same global
-    batches as one process with N× the batch. An epoch has len(labels) // global batches;
-    everything is drawn from (seed, epoch) alone, as the trainer's resume requires."""
+    global batch's balanced and random parts are each dealt `rank::world_size`, the random images
+    last in each process's batch, so a run on N processes sees the same global batches as one
+    process with N× the batch. An epoch has len(labels) // global batches, or with
+    `epoch="random_images"` len(labels) // random images a global batch (TFace's EKD sampler:
+    its epoch covers the set once with the random part alone); everything is drawn from
+    (seed, epoch) alone, as the trainer's resume requires."""
 
     def __init__(self, labels: Sequence[int], batch_size: int, images_per_identity: int, *,
-                 random_fraction: float = 0.0, seed: int = 0, rank: int = 0, world_size: int = 1):
+                 random_fraction: float = 0.0, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 epoch: str = "images"):
         labels = np.asarray(labels, dtype=np.int64)
         self.global_batch = int(batch_size) * int(world_size)
         if not 2 <= images_per_identity <= self.global_batch:
@@ -179,6 +183,9 @@ class IdentityBatchSampler:
         self.batch_size = int(batch_size)
         self.images_per_identity = int(images_per_identity)
         self.random_count = int(round(random_fraction * self.global_batch))
+        if epoch not in ("images", "random_images") or (epoch == "random_images" and not self.random_count):
+            raise ConfigError(f"sampler.epoch: must be images, or random_images with random_fraction > 0, got {epoch!r}")
+        self.epoch_of = epoch
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.epoch = 0
 
@@ -186,7 +193,7 @@ class IdentityBatchSampler:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self.num_samples // self.global_batch
+        return self.num_samples // (self.random_count if self.epoch_of == "random_images" else self.global_batch)
 
     def __iter__(self):
         rng = np.random.default_rng(derive_seed(self.seed, self.epoch, 7))
@@ -200,5 +207,5 @@ class IdentityBatchSampler:
                 members = self._members[queue.pop()]
                 take = min(self.images_per_identity, len(members), self.global_batch - self.random_count - len(batch))
                 batch.extend(rng.choice(members, size=take, replace=False).tolist())
-            batch.extend(rng.integers(0, self.num_samples, size=self.random_count).tolist())
-            yield batch[self.rank::self.world_size]
+            random = rng.integers(0, self.num_samples, size=self.random_count).tolist()
+            yield batch[self.rank::self.world_size] + random[self.rank::self.world_size]
