@@ -50,3 +50,13 @@ def lively(model, seed: int = 0, images: np.ndarray | None = None):
         model.train()
         model(preprocess(batch, model.normalization))
     return model.eval()
+
+
+class CodePayload:
+    """Pickled into a checkpoint: unpickling it would run code (create the file `marker`)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))

@@ -20,6 +20,7 @@ from facekd.errors import ConfigError, DataError
 from facekd.io.images import write_image
 from facekd.models.artifact import read_model_info
 from facekd.models.importers import import_checkpoint
+from helpers import CodePayload
 from reference_efficient_fiqa import (ReferenceEdgeNeXt, ReferenceFIQASwin, ReferenceSwinIQA, randomised,
                                       reference_scores)
 
@@ -110,20 +111,10 @@ def test_dataparallel_prefix_is_accepted(tmp_path, images):
     assert np.abs(facekd.load(out).score(images[:2]) - reference_scores(reference, images[:2], 352)).max() <= PARITY
 
 
-class _Payload:
-    """Unpickling this runs code: it creates the file `marker`."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_checkpoint_with_a_code_payload_is_refused_and_never_runs(tmp_path, capsys):
     marker = tmp_path / "pwned"
     checkpoint = tmp_path / "evil.pt"
-    torch.save({"quality.0.weight": torch.zeros(1), "payload": _Payload(marker)}, checkpoint)
+    torch.save({"quality.0.weight": torch.zeros(1), "payload": CodePayload(marker)}, checkpoint)
     out = tmp_path / "out.safetensors"
     with pytest.raises(DataError, match=r"evil\.pt.*refused.*weights_only=True"):
         import_checkpoint("efficient-fiqa", checkpoint, out)

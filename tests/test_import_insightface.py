@@ -14,6 +14,7 @@ from facekd.errors import ConfigError, DataError
 from facekd.models import build_model
 from facekd.models.artifact import read_model_info
 from facekd.models.importers import INSIGHTFACE_ARCHS, import_checkpoint, insightface_key
+from helpers import CodePayload
 from reference_efficient_fiqa import randomised
 from reference_insightface import reference_embeddings, reference_network
 
@@ -94,20 +95,10 @@ def test_wrong_keys_arch_or_size_name_the_reason_and_write_nothing(tmp_path):
     assert not out.exists()
 
 
-class _Payload:
-    """Unpickling this runs code: it creates the file `marker`."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_backbone_pth_with_a_code_payload_is_refused_and_never_runs(tmp_path, capsys):
     marker = tmp_path / "pwned"
     checkpoint = tmp_path / "backbone.pth"
-    torch.save({"conv1.weight": torch.zeros(1), "payload": _Payload(marker)}, checkpoint)
+    torch.save({"conv1.weight": torch.zeros(1), "payload": CodePayload(marker)}, checkpoint)
     out = tmp_path / "out.safetensors"
     assert main(["import", "insightface", str(checkpoint), "--arch", "r50", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
