@@ -34,8 +34,22 @@ def _config(root):
     return load_config(root / "tiny.yaml", QualityRunConfig, overrides=data_overrides(root / "data"))
 
 
-def test_pipeline_runs_every_stage_and_reports(quality_data, tmp_path):
-    report = QualityPipeline(_config(quality_data), tmp_path / "run").run()
+@pytest.fixture(scope="module")
+def finished(quality_data, tmp_path_factory):
+    """(run folder, report) of one finished pipeline run on the tiny config; copy it to change it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    return out, QualityPipeline(_config(quality_data), out).run()
+
+
+def _copy(run, tmp_path):
+    import shutil
+
+    return shutil.copytree(run, tmp_path / "run")
+
+
+def test_pipeline_runs_every_stage_and_reports(quality_data, finished, tmp_path):
+    run, report = finished
+    tmp_path = run.parent
     assert set(report["models"]) == {"T0", "T1", "S", "control"}
     for row in report["models"].values():
         assert -1 <= row["srcc"] <= 1 and row["params"] > 0 and row["gflops"] > 0 and row["cpu_ms_per_image"] > 0
@@ -62,9 +76,8 @@ def test_pipeline_runs_every_stage_and_reports(quality_data, tmp_path):
         assert metrics["srcc"] == pytest.approx(row["srcc"]) and metrics["rmse"] == pytest.approx(row["rmse"])
 
 
-def test_rerun_skips_and_force_redoes_what_depends(quality_data, tmp_path):
-    out = tmp_path / "run"
-    QualityPipeline(_config(quality_data), out).run()
+def test_rerun_skips_and_force_redoes_what_depends(quality_data, finished, tmp_path):
+    out = _copy(finished[0], tmp_path)
     stamp = (out / "t1" / "model.safetensors").stat().st_mtime_ns
     report = QualityPipeline(_config(quality_data), out).run()
     assert all(stage["skipped"] for stage in report["stages"].values())
@@ -76,9 +89,8 @@ def test_rerun_skips_and_force_redoes_what_depends(quality_data, tmp_path):
         QualityPipeline(_config(quality_data), out).run(force=["t2"])
 
 
-def test_a_changed_setting_reruns_the_stages_it_reaches(quality_data, tmp_path):
-    out = tmp_path / "run"
-    QualityPipeline(_config(quality_data), out).run()
+def test_a_changed_setting_reruns_the_stages_it_reaches(quality_data, finished, tmp_path):
+    out = _copy(finished[0], tmp_path)
     changed = load_config(quality_data / "tiny.yaml", QualityRunConfig,
                           overrides=data_overrides(quality_data / "data") + ["student_train.lr=0.002"])
     report = QualityPipeline(changed, out).run()
