@@ -171,10 +171,11 @@ def decode_batches(paths: Sequence[Path], size: int | Resize, batch_size: int, w
     workers = check_workers(workers)
     batch_size = check_batch_size(batch_size)
     starts = range(0, len(paths), batch_size)
+    load_args = (geometry,) if prepare is None else (geometry, prepare)  # after the path
     if workers == 0:
         for start in starts:
             batch = paths[start:start + batch_size]
-            yield _assemble(batch, (load_one(p, geometry, prepare) for p in batch), size)
+            yield _assemble(batch, (load_one(p, *load_args) for p in batch), size)
         return
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="facekd-decode", initializer=_lower_priority)
     pending: deque[tuple[Sequence[Path], list[Future]]] = deque()
@@ -184,7 +185,7 @@ def decode_batches(paths: Sequence[Path], size: int | Resize, batch_size: int, w
         start = next(next_start, None)
         if start is not None:
             batch = paths[start:start + batch_size]
-            pending.append((batch, [pool.submit(load_one, p, geometry, prepare) for p in batch]))
+            pending.append((batch, [pool.submit(load_one, p, *load_args) for p in batch]))
 
     try:
         for _ in range(max(1, ahead)):
