@@ -26,6 +26,8 @@ from facekd.recognition.ijb import (IjbOptions, evaluate_ijb, image_features, pa
                                     tpr_at_fpr_nearest)
 from facekd.synth import generate_ijb
 
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")  # conftest.py
+
 LEVELS = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
 ALL_OPTIONS = [IjbOptions(*flags) for flags in itertools.product((True, False), repeat=3)]
 SHAPE = dict(identities=6, templates_per_identity=2, media_per_template=2, images_per_media=2)
@@ -105,14 +107,6 @@ class StopAfterFirstBatch(Progress):
                 raise Stop
 
         return Task()
-
-
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    """The CLI's `open_model` sets torch's process-wide thread count: put it back after each test."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
