@@ -263,12 +263,22 @@ def test_scores_and_tprs_equal_eval_ijbc_on_the_same_embeddings(evaluated, ijb_r
         features = image_features(inputs[0], inputs[1], options)
         by_chunks = template_features(features, inputs[2], inputs[3], chunk=5)  # summed a few templates at a time
         np.testing.assert_allclose(by_chunks[1], template_features(features, inputs[2], inputs[3])[1], atol=1e-12)
-        tprs = [row["tpr"] for row in tpr_at_fpr_nearest(got, labels, LEVELS)]
+        table = tpr_at_fpr_nearest(got, labels, LEVELS)
+        assert all(row["threshold"] is None or np.isfinite(row["threshold"]) for row in table)
+        tprs = [row["tpr"] for row in table]
         np.testing.assert_allclose(tprs, reference_tprs(labels, expected), atol=1e-6)
     # and the options matter: the report's scores are those of its own setting only
     if options.mode != "N1D1F2":
         default = ours(*cases[1][0], *cases[1][1:3], IjbOptions())
         assert np.abs(ours(*cases[1][0], *cases[1][1:3], options) - default).max() > 1e-3
+
+
+def test_nearest_rule_where_an_impostor_scores_highest():
+    scores, labels = np.array([0.9, 0.7, 0.5, 0.3, 0.1]), np.array([False, True, True, False, False])
+    table = tpr_at_fpr_nearest(scores, labels, LEVELS)
+    assert [row["tpr"] for row in table] == pytest.approx(reference_tprs(labels, scores))
+    assert table[0]["tpr"] == 0 and table[0]["threshold"] is None  # nothing accepted: no finite threshold
+    json.dumps(table, allow_nan=False)
 
 
 def test_report_figures_come_from_the_reference_aggregation(evaluated, ijb_root):

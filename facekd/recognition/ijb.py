@@ -168,7 +168,8 @@ def _load_embeddings(path: Path, protocol) -> tuple[np.ndarray, np.ndarray]:
 def tpr_at_fpr_nearest(scores: np.ndarray, issame: np.ndarray, levels) -> list[dict[str, float]]:
     """The TPR table of eval_ijbc.py: at each level, the point of scikit-learn's ROC (with its
     default `drop_intermediate`) whose FPR is nearest the level (ties: the higher FPR, then
-    the higher TPR). Papers' IJB figures use this rule; `tpr_at_fpr` is facekd's stricter one."""
+    the higher TPR). Papers' IJB figures use this rule; `tpr_at_fpr` is facekd's stricter one.
+    `threshold` is None at the curve's start (nothing accepted)."""
     from sklearn.metrics import roc_curve
 
     fpr, tpr, thresholds = roc_curve(issame, scores)
@@ -176,8 +177,9 @@ def tpr_at_fpr_nearest(scores: np.ndarray, issame: np.ndarray, levels) -> list[d
     rows = []
     for level in levels:
         nearest = int(np.argmin(np.abs(fpr - level)))
+        threshold = float(thresholds[nearest])
         rows.append({"fpr_level": float(level), "tpr": float(tpr[nearest]), "fpr": float(fpr[nearest]),
-                     "threshold": float(thresholds[nearest])})
+                     "threshold": threshold if np.isfinite(threshold) else None})
     return rows
 
 
@@ -261,5 +263,5 @@ def evaluate_ijb(model, root: PathLike, out: PathLike, *, target: str = "IJBC", 
     }
     if job.errors_csv is not None:
         result["files"]["errors"] = job.errors_csv.name
-    atomic_write_text(out / "report.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "report.json", json.dumps(result, indent=2, allow_nan=False) + "\n")
     return result
