@@ -153,13 +153,12 @@ def _fingerprint(model_digest: str | None, landmark_file: Path, size: int) -> st
 
 
 def _load_embeddings(path: Path, protocol) -> tuple[np.ndarray, np.ndarray]:
-    """(raw (K, 2D) float32, kept image indices (K,)) of the archive, in protocol order."""
+    """(raw (K, 2D) float32, index in the protocol of each row (K,)) of the archive."""
     with np.load(path, allow_pickle=False) as archive:
         names, raw = archive["paths"], archive["embeddings"]
     position = {str(p): i for i, p in enumerate(protocol.paths)}
     index = np.fromiter((position[str(Path(name))] for name in names.tolist()), dtype=np.int64, count=len(names))
-    order = np.argsort(index, kind="stable")
-    return raw[order], index[order]
+    return raw, index
 
 
 # ----------------------------------------------------------------------------- metrics
