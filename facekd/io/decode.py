@@ -23,8 +23,8 @@ from facekd.io.formats import absolute
 from facekd.io.images import Resize, read_image
 from facekd.progress import Progress
 
-__all__ = ["DecodedBatch", "Prepare", "check_batch_size", "check_geometry", "check_workers", "decode_batches", "default_workers",
-           "load_images", "load_one", "map_ordered"]
+__all__ = ["DecodedBatch", "Prepare", "check_batch_size", "check_geometry", "check_workers", "decode_batches",
+           "default_workers", "load_images", "load_one", "map_ordered"]
 
 PathLike = str | os.PathLike
 ImageError = tuple[Path, str]

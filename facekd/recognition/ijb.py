@@ -25,7 +25,8 @@ import numpy as np
 from facekd.errors import ConfigError, DataError
 from facekd.progress import Progress
 
-__all__ = ["EMBEDDINGS_FILE", "IjbOptions", "evaluate_ijb", "image_features", "pair_scores", "template_features"]
+__all__ = ["EMBEDDINGS_FILE", "SCORES_FILE", "Aligner", "ImageAndMirror", "IjbOptions", "evaluate_ijb",
+           "image_features", "pair_scores", "template_features", "tpr_at_fpr_nearest"]
 
 PathLike = str | os.PathLike
 EMBEDDINGS_FILE = "embeddings.npz"
