@@ -97,7 +97,7 @@ def template_features(features: np.ndarray, templates: np.ndarray, medias: np.nd
 
 
 def pair_scores(unique_templates: np.ndarray, template_feats: np.ndarray, first: np.ndarray,
-                second: np.ndarray, block: int = 100_000) -> np.ndarray:
+                second: np.ndarray, block: int = 1 << 14) -> np.ndarray:
     """Cosine score of each pair (float64); NaN where a template has no feature."""
     scores = np.full(len(first), np.nan)
     for start in range(0, len(first), block):
@@ -172,7 +172,10 @@ def tpr_at_fpr_nearest(scores: np.ndarray, issame: np.ndarray, levels) -> list[d
     `threshold` is None at the curve's start (nothing accepted)."""
     from sklearn.metrics import roc_curve
 
-    fpr, tpr, thresholds = roc_curve(issame, scores)
+    return _nearest_rows(*roc_curve(issame, scores), levels)
+
+
+def _nearest_rows(fpr: np.ndarray, tpr: np.ndarray, thresholds: np.ndarray, levels) -> list[dict[str, float]]:
     fpr, tpr, thresholds = fpr[::-1], tpr[::-1], thresholds[::-1]
     rows = []
     for level in levels:
@@ -183,13 +186,18 @@ def tpr_at_fpr_nearest(scores: np.ndarray, issame: np.ndarray, levels) -> list[d
     return rows
 
 
-def _verification(scores: np.ndarray, issame: np.ndarray) -> dict[str, Any]:
+def _verification(scores: np.ndarray, issame: np.ndarray) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]:
+    """(figures, ROC to plot): facekd's verification report without k-fold accuracy, plus the
+    eval_ijbc.py table; the ROC is scikit-learn's default one (collinear points dropped)."""
+    from sklearn.metrics import roc_curve
+
     from facekd.recognition.metrics import FPR_LEVELS, verification_report
 
     levels = sorted(FPR_LEVELS)
     report = verification_report(scores, issame, levels=levels, folds=None)
-    report["tpr_at_fpr_nearest"] = tpr_at_fpr_nearest(scores, issame, levels)
-    return report
+    fpr, tpr, thresholds = roc_curve(issame, scores)
+    report["tpr_at_fpr_nearest"] = _nearest_rows(fpr, tpr, thresholds, levels)
+    return report, (fpr, tpr)
 
 
 # ----------------------------------------------------------------------------- the evaluation
@@ -212,7 +220,7 @@ def evaluate_ijb(model, root: PathLike, out: PathLike, *, target: str = "IJBC", 
     from facekd.io.atomic import atomic_write, atomic_write_text
     from facekd.io.formats import absolute, file_digest
     from facekd.io.ijb import ijb_files, read_ijb
-    from facekd.recognition.metrics import plot_roc, roc_curve
+    from facekd.recognition.metrics import plot_roc
 
     options = options or IjbOptions()
     progress = progress or Progress()
@@ -244,9 +252,8 @@ def evaluate_ijb(model, root: PathLike, out: PathLike, *, target: str = "IJBC", 
     lost = np.setdiff1d(np.unique(protocol.templates), templates)
     with atomic_write(out / SCORES_FILE, "wb") as handle:
         np.save(handle, scores)
-    report = _verification(scores[scored], protocol.labels[scored])
-    curve = roc_curve(scores[scored], protocol.labels[scored])
-    plot_roc({f"{target} {options.mode}": curve[:2]}, out / "roc.png", title=f"{target} 1:1 verification")
+    report, curve = _verification(scores[scored], protocol.labels[scored])
+    plot_roc({f"{target} {options.mode}": curve}, out / "roc.png", title=f"{target} 1:1 verification")
     reasons = {str(path): reason for path, reason in read_errors(out / EMBEDDINGS_FILE)}
     missing = np.setdiff1d(np.arange(len(protocol)), kept)
     skipped = [{"path": str(protocol.paths[i]), "reason": reasons.get(str(protocol.paths[i]), "not embedded")}
