@@ -345,11 +345,14 @@ def test_bad_and_missing_images_are_listed_and_lost_templates_reported(ijb_root,
     for path in np.asarray(protocol.paths)[protocol.templates == lost]:
         path.unlink()
     protocol.paths[0].write_bytes(b"not an image")
+    landmark_file = ijb_files(root, "IJBC")["name_5pts_score"]
+    fields = landmark_file.read_text().splitlines()[2].split()
+    edit_line(landmark_file, 3, " ".join([fields[0], *["50"] * 10, fields[11]]))  # 5 points in one place
     report = evaluate_ijb(model_file, root, tmp_path / "run", batch_size=16, workers=1)
     skipped = {Path(row["path"]).name: row["reason"] for row in report["skipped_images"]}
-    assert set(skipped) == {protocol.paths[0].name} | {p.name for p, t in zip(protocol.paths, protocol.templates)
-                                                        if t == lost}
-    assert all(reason for reason in skipped.values())
+    assert set(skipped) == {protocol.paths[0].name, protocol.paths[2].name} | {
+        p.name for p, t in zip(protocol.paths, protocol.templates) if t == lost}
+    assert all(reason for reason in skipped.values()) and "degenerate" in skipped[protocol.paths[2].name]
     assert report["templates_without_images"] == [lost]
     involved = (protocol.first == lost) | (protocol.second == lost)
     assert report["skipped_pairs"] == involved.sum() > 0 and report["scored_pairs"] == (~involved).sum()
