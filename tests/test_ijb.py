@@ -297,6 +297,20 @@ def test_report_figures_come_from_the_reference_aggregation(evaluated, ijb_root)
     assert (out / "roc.png").stat().st_size > 0
 
 
+def test_facekd_report_renders_an_ijb_run(evaluated):
+    from facekd.evaluation.report import render_report
+    from facekd.results import IjbReport, read_report_json, result_from_dict
+
+    out, report = evaluated
+    record = result_from_dict(read_report_json(out / "report.json"), out / "report.json")
+    assert isinstance(record, IjbReport) and record.files.locate("scores", out / "report.json").is_file()
+    assert record.to_dict() == report
+    page = render_report(out)
+    assert "IJB verification" in page and "Unknown report" not in page and "N1D1F2" in page
+    first = report["tpr_at_fpr_nearest"][-1]
+    assert f"{first['tpr']:.4f}" in page and 'alt="ROC curve"' in page
+
+
 # ----------------------------------------------------------------------------- alignment
 
 

@@ -15,7 +15,6 @@ a template left without images is reported and its pairs are skipped (not scored
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -217,10 +216,11 @@ def evaluate_ijb(model, root: PathLike, out: PathLike, *, target: str = "IJBC", 
     embedding (or reuses a finished one, e.g. to try other `options`)."""
     from facekd.inference import embed_files
     from facekd.inference.jobs import read_errors
-    from facekd.io.atomic import atomic_write, atomic_write_text
+    from facekd.io.atomic import atomic_write
     from facekd.io.formats import absolute, file_digest
     from facekd.io.ijb import ijb_files, read_ijb
     from facekd.recognition.metrics import plot_roc
+    from facekd.results import IjbReport, ResultFiles, write_result
 
     options = options or IjbOptions()
     progress = progress or Progress()
@@ -258,17 +258,13 @@ def evaluate_ijb(model, root: PathLike, out: PathLike, *, target: str = "IJBC", 
     missing = np.setdiff1d(np.arange(len(protocol)), kept)
     skipped = [{"path": str(protocol.paths[i]), "reason": reasons.get(str(protocol.paths[i]), "not embedded")}
                for i in missing]
-    result = {
-        "pipeline": "ijb", "target": target, "root": str(protocol.root),
-        "model": None if model_file is None else str(model_file),
-        "options": options.to_dict(), "mode": options.mode, "images": len(protocol),
-        "templates": int(len(np.unique(protocol.templates))), "pairs": int(len(scores)),
-        "scored_pairs": int(scored.sum()), "skipped_pairs": int((~scored).sum()),
-        "templates_without_images": [int(t) for t in lost], "skipped_images": skipped, **report,
-        "embedding": job.to_dict(),
-        "files": {"embeddings": EMBEDDINGS_FILE, "scores": SCORES_FILE, "plot": "roc.png"},
-    }
-    if job.errors_csv is not None:
-        result["files"]["errors"] = job.errors_csv.name
-    atomic_write_text(out / "report.json", json.dumps(result, indent=2, allow_nan=False) + "\n")
-    return result
+    result = IjbReport(
+        target=target, root=str(protocol.root), model=None if model_file is None else str(model_file),
+        mode=options.mode, options=options.to_dict(), images=len(protocol),
+        templates=int(len(np.unique(protocol.templates))), pairs=int(len(scores)), scored_pairs=int(scored.sum()),
+        skipped_pairs=int((~scored).sum()), templates_without_images=[int(t) for t in lost], skipped_images=skipped,
+        positives=report["positives"], negatives=report["negatives"], auc=report["auc"], eer=report["eer"],
+        tpr_at_fpr=report["tpr_at_fpr"], tpr_at_fpr_nearest=report["tpr_at_fpr_nearest"], embedding=job.to_dict(),
+        files=ResultFiles(plot="roc.png", embeddings=EMBEDDINGS_FILE, scores=SCORES_FILE,
+                          errors=None if job.errors_csv is None else job.errors_csv.name))
+    return write_result(result, out)
