@@ -224,6 +224,12 @@ def test_missing_files_duplicate_image_and_unknown_target(ijb_root, tmp_path):
     with pytest.raises(DataError, match="loose_crop: image folder not found"):
         read_ijb(root, "IJBC")  # only meta/ was copied
     (root / "loose_crop").mkdir()
+    pairs = files["template_pair_label"].read_text()
+    files["template_pair_label"].write_text("\n  \n")
+    with pytest.raises(DataError, match="ijbc_template_pair_label.txt: no pairs listed"):
+        read_ijb(root, "IJBC")
+    files["template_pair_label"].write_text(pairs)
+    assert len(read_ijb(root, "IJBC").labels) == 36
     for key in ("face_tid_mid", "name_5pts_score"):
         edit_line(files[key], 3, files[key].read_text().splitlines()[1])
     with pytest.raises(DataError, match=r"line 3: image '2.jpg' again \(first on line 2\)"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,11 +135,13 @@ def _pair_error(path: Path) -> DataError:
 def _read_pairs(path: Path) -> np.ndarray:
     """(P, 3) int64: template 1, template 2, label; read in C (the IJB-C list has 15.6 M lines)."""
     try:
-        if os.path.getsize(path) == 0:
-            raise DataError(path, "empty pair list")
-        pairs = np.loadtxt(path, dtype=np.int64, ndmin=2, comments=None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": said below
+            pairs = np.loadtxt(path, dtype=np.int64, ndmin=2, comments=None)
     except ValueError:
         raise _pair_error(path) from None
+    if pairs.size == 0:
+        raise DataError(path, "no pairs listed")
     if pairs.shape[1] != 3 or not np.isin(pairs[:, 2], (0, 1)).all():
         raise _pair_error(path)
     return pairs
