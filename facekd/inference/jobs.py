@@ -248,9 +248,9 @@ def embed_files(model, inputs: Sequence[PathLike], out_npz: PathLike, *, flip: b
                 fingerprint: str | None = None, shard: Shard | None = None, backend: dict | None = None,
                 progress: Progress | None = None, files: Sequence[Path] | None = None,
                 prepare: Prepare | None = None) -> JobSummary:
-    """Embed image files, folders and image lists into `out_npz` (`paths`, L2-normalised
-    float32 `embeddings`); `flip` adds each mirrored image's embedding first. Otherwise as
-    `score_files`, with a recognition predictor."""
+    """Embed image files, folders and image lists into `out_npz` (`paths`, float32 `embeddings`:
+    what `model.infer` gives, L2-normalised for facekd's embedders); `flip` adds each mirrored
+    image's embedding first. Otherwise as `score_files`, with a recognition predictor."""
     if getattr(model, "task", "recognition") != "recognition":
         raise ConfigError(f"embed needs a recognition model, got a {model.task} model")
     return _run_job(model, inputs, out_npz, EMBEDDINGS, flip=flip, batch_size=batch_size, strict=strict,
