@@ -31,6 +31,10 @@ pytestmark = pytest.mark.usefixtures("keep_torch_threads")  # conftest.py
 LEVELS = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
 ALL_OPTIONS = [IjbOptions(*flags) for flags in itertools.product((True, False), repeat=3)]
 SHAPE = dict(identities=6, templates_per_identity=2, media_per_template=2, images_per_media=2)
+IMAGES = 6 * 2 * 2 * 2
+TEMPLATES = 6 * 2
+GENUINE = 6  # one pair of templates per identity
+IMPOSTORS = 5 * GENUINE  # generate_ijb's default
 
 
 # ----------------------------------------------------------------------------- reference (test only)
@@ -150,13 +154,12 @@ def archive(out: Path) -> tuple[list[str], np.ndarray]:
 
 def test_synthetic_set_has_the_layout_and_landmarks_that_find_the_face(ijb_root):
     protocol = read_ijb(ijb_root, "IJBC")
-    images = 6 * 2 * 2 * 2
-    assert len(protocol) == images and all(p.is_file() for p in protocol.paths)
-    assert len(np.unique(protocol.templates)) == 12
+    assert len(protocol) == IMAGES and all(p.is_file() for p in protocol.paths)
+    assert len(np.unique(protocol.templates)) == TEMPLATES
     per_template = {t: set(protocol.medias[protocol.templates == t]) for t in np.unique(protocol.templates)}
     assert all(len(m) == 2 for m in per_template.values())
-    assert len(set().union(*per_template.values())) == 24  # media ids are unique across templates
-    assert protocol.labels.sum() == 6 and (~protocol.labels).sum() == 30
+    assert len(set().union(*per_template.values())) == 2 * TEMPLATES  # media ids are unique across templates
+    assert protocol.labels.sum() == GENUINE and (~protocol.labels).sum() == IMPOSTORS
     assert ((protocol.detector_scores > 0) & (protocol.detector_scores <= 1)).all()
     # two frames of one media, each aligned with its own landmarks: nearly the same face (eyes to
     # mouth); with the other frame's landmarks the faces fall apart
@@ -187,7 +190,7 @@ def test_synthetic_set_is_deterministic_and_ijbb_names(tmp_path):
     assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
     assert sorted(p.name for p in (tmp_path / "a" / "meta").iterdir()) == [
         "ijbb_face_tid_mid.txt", "ijbb_name_5pts_score.txt", "ijbb_template_pair_label.txt"]
-    assert len(read_ijb(tmp_path / "a", "IJBB")) == 8
+    assert len(read_ijb(tmp_path / "a", "IJBB")) == 2 * 2 * 1 * 2
     with pytest.raises(DataError, match="ijbc_face_tid_mid.txt.*not found"):
         read_ijb(tmp_path / "a", "IJBC")
 
@@ -229,7 +232,7 @@ def test_missing_files_duplicate_image_and_unknown_target(ijb_root, tmp_path):
     with pytest.raises(DataError, match="ijbc_template_pair_label.txt: no pairs listed"):
         read_ijb(root, "IJBC")
     files["template_pair_label"].write_text(pairs)
-    assert len(read_ijb(root, "IJBC").labels) == 36
+    assert len(read_ijb(root, "IJBC").labels) == GENUINE + IMPOSTORS
     for key in ("face_tid_mid", "name_5pts_score"):
         edit_line(files[key], 3, files[key].read_text().splitlines()[1])
     with pytest.raises(DataError, match=r"line 3: image '2.jpg' again \(first on line 2\)"):
@@ -297,7 +300,7 @@ def test_report_figures_come_from_the_reference_aggregation(evaluated, ijb_root)
     assert np.abs(saved - expected).max() < 1e-6
     assert [r["tpr"] for r in report["tpr_at_fpr_nearest"]] == pytest.approx(
         reference_tprs(protocol.labels, expected), abs=1e-6)
-    assert report["mode"] == "N1D1F2" and report["scored_pairs"] == report["pairs"] == 36
+    assert report["mode"] == "N1D1F2" and report["scored_pairs"] == report["pairs"] == GENUINE + IMPOSTORS
     assert report["skipped_images"] == [] and report["templates_without_images"] == []
     assert json.loads((out / "report.json").read_text())["auc"] == report["auc"]
     assert (out / "roc.png").stat().st_size > 0
@@ -388,12 +391,12 @@ def test_an_interrupted_run_resumes_from_its_journal(evaluated, ijb_root, model_
         evaluate_ijb(model_file, ijb_root, run, batch_size=8, workers=1, progress=StopAfterFirstBatch())
     assert not (run / "embeddings.npz").exists() and (run / ".embeddings.npz.partial").is_file()
     resumed = evaluate_ijb(model_file, ijb_root, run, batch_size=8, workers=1, resume=True)
-    assert resumed["embedding"]["resumed"] == 8 and resumed["embedding"]["done"] == 40
+    assert resumed["embedding"]["resumed"] == 8 and resumed["embedding"]["done"] == IMAGES - 8  # batches of 8
     np.testing.assert_allclose(np.load(run / "scores.npy"), np.load(out / "scores.npy"), atol=1e-6)
     # a finished run is reused whole to try another setting
     other = evaluate_ijb(model_file, ijb_root, run, batch_size=8, workers=1, resume=True,
                          options=IjbOptions(flip=False))
-    assert other["embedding"]["resumed"] == 48 and other["embedding"]["done"] == 0 and other["mode"] == "N1D1F0"
+    assert other["embedding"]["resumed"] == IMAGES and other["embedding"]["done"] == 0 and other["mode"] == "N1D1F0"
     with pytest.raises(DataError, match="already exists"):
         evaluate_ijb(model_file, ijb_root, run, batch_size=8, workers=1)
 
@@ -410,7 +413,7 @@ def test_cli_synth_and_eval_end_to_end(tmp_path, model_file, capsys):
                "--backend", "torch", "--threads", "1", "--workers", "1", "--batch-size", "16", "-q"]
     assert main(command + ["--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["target"] == "IJBB" and result["images"] == 32 and result["pairs"] == 24
+    assert result["target"] == "IJBB" and result["images"] == 4 * 2 * 2 * 2 and result["pairs"] == 4 + 5 * 4
     assert [row["fpr_level"] for row in result["tpr_at_fpr_nearest"]] == LEVELS
     protocol = read_ijb(root, "IJBB")
     _, raw = archive(out)
