@@ -79,6 +79,20 @@ def cmd_synth_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth_ijb(args: argparse.Namespace) -> int:
+    from facekd.synth import generate_ijb
+
+    summary = generate_ijb(
+        args.out, target=args.target, seed=args.seed, workers=args.workers, progress=_progress(args),
+        overwrite=args.overwrite,
+        **_given(identities=args.identities, templates_per_identity=args.templates_per_identity,
+                 media_per_template=args.media_per_template, images_per_media=args.images_per_media,
+                 crop=args.crop, impostors=args.impostors),
+    )
+    _print_summary(f"Synthetic {args.target} set → {args.out}", summary)
+    return 0
+
+
 # --- demo --------------------------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -262,6 +276,9 @@ def cmd_recognition_distill(args: argparse.Namespace) -> int:
 
 def cmd_recognition_eval(args: argparse.Namespace) -> int:
     from facekd.recognition.evaluation import evaluate_model
+
+    if args.ijb:
+        return _recognition_eval_ijb(args)
     from facekd.recognition.train import format_recognition_table
     from facekd.models.artifact import load_model
     from facekd.models.cost import count_flops, count_params
@@ -288,6 +305,52 @@ def cmd_recognition_eval(args: argparse.Namespace) -> int:
                              f"{report['skipped_images'][0]['path']}: {report['skipped_images'][0]['reason']}")
     if args.out:
         _console().print(f"report: {Path(args.out) / 'report.json'}, ROC: {result['roc']}")
+    return 0
+
+
+def _recognition_eval_ijb(args: argparse.Namespace) -> int:
+    from facekd.errors import ConfigError
+    from facekd.inference import open_model
+    from facekd.io.ijb import ijb_files
+    from facekd.recognition.ijb import IjbOptions, evaluate_ijb
+
+    if args.pairs or args.bin or args.identities:
+        raise ConfigError("--ijb is evaluated on its own: drop --pairs, --bin and --identities")
+    if not args.out:
+        raise ConfigError("--ijb needs --out DIR (embeddings, scores, report.json and roc.png go there)")
+    ijb_files(args.ijb, args.target)  # an unknown --target fails before the model is opened
+    progress = _progress(args)
+    model, choice = open_model(args.model, backend=args.backend, device=args.device, threads=args.threads,
+                               batch_size=args.batch_size, progress=progress)
+    progress.log(f"{choice.backend} on {choice.device}, batches of {choice.batch_size}: {choice.reason}")
+    options = IjbOptions(flip=not args.no_flip, norm_score=not args.no_norm_score,
+                         detector_score=not args.no_detector_score)
+    result = evaluate_ijb(model, args.ijb, args.out, target=args.target, options=options,
+                          batch_size=choice.batch_size, workers=args.workers, resume=args.resume,
+                          overwrite=args.overwrite, model_file=args.model, backend=choice.to_dict(),
+                          progress=progress)
+    if args.json:
+        _print_json(result)
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"{args.target} 1:1 verification ({result['mode']}) — {args.model}")
+    table.add_column("TPR (%) at FPR")
+    for row in result["tpr_at_fpr_nearest"]:
+        table.add_column(f"{row['fpr_level']:.0e}", justify="right")
+    table.add_row("nearest ROC point (eval_ijbc.py)", *(f"{100 * r['tpr']:.2f}" for r in result["tpr_at_fpr_nearest"]))
+    table.add_row("at most that FPR (facekd)", *("—" if r["tpr"] is None else f"{100 * r['tpr']:.2f}"
+                                                   for r in result["tpr_at_fpr"]))
+    _console().print(table)
+    _console().print(f"{result['scored_pairs']} of {result['pairs']} pairs scored, AUC {result['auc']:.4f}")
+    if result["skipped_images"]:
+        first = result["skipped_images"][0]
+        _console().print(f"skipped {len(result['skipped_images'])} images, e.g. {first['path']}: {first['reason']}")
+    if result["templates_without_images"]:
+        lost = result["templates_without_images"]
+        _console().print(f"{len(lost)} templates lost every image ({result['skipped_pairs']} pairs skipped), e.g. "
+                         f"{', '.join(map(str, lost[:5]))}")
+    _console().print(f"report: {Path(args.out) / 'report.json'}")
     return 0
 
 
@@ -456,6 +519,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation(qual)
     qual.set_defaults(func=cmd_synth_quality)
 
+    ijb = synth_commands.add_parser("ijb", help="IJB-B/C-style templates: loose crops, 5 landmarks, pair list")
+    ijb.add_argument("out", help="output folder (meta/, loose_crop/)")
+    ijb.add_argument("--target", choices=("IJBC", "IJBB"), default="IJBC", help="names of the meta files")
+    ijb.add_argument("--identities", type=int, default=None, help="(default: 20)")
+    ijb.add_argument("--templates-per-identity", type=int, default=None, help="(default: 2)")
+    ijb.add_argument("--media-per-template", type=int, default=None, help="(default: 2)")
+    ijb.add_argument("--images-per-media", type=int, default=None, help="(default: 2)")
+    ijb.add_argument("--crop", type=int, default=None, help="side of the loose crops in pixels (default: 160)")
+    ijb.add_argument("--impostors", type=int, default=None, help="impostor template pairs (default: 5 per genuine)")
+    _add_generation(ijb)
+    ijb.set_defaults(func=cmd_synth_ijb)
+
     quality = commands.add_parser("quality", help="face image quality: pipeline, training, scoring")
     quality_commands = quality.add_subparsers(dest="quality_command", metavar="STEP", required=True)
 
@@ -529,6 +604,17 @@ def build_parser() -> argparse.ArgumentParser:
     reval.add_argument("--out", help="folder for report.json and roc.png")
     reval.add_argument("--batch-size", type=int, default=128)
     reval.add_argument("--no-flip", action="store_true", help="embed without the flipped image")
+    reval.add_argument("--ijb", metavar="ROOT", help="IJB-B/C 1:1 verification on ROOT (meta/, loose_crop/)")
+    reval.add_argument("--target", default="IJBC", help="with --ijb: IJBC (default) or IJBB")
+    reval.add_argument("--no-norm-score", action="store_true", help="with --ijb: L2-normalise each image first")
+    reval.add_argument("--no-detector-score", action="store_true", help="with --ijb: no detector-score weights")
+    reval.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
+                       help="with --ijb: auto times PyTorch and ONNX Runtime and keeps the faster (default)")
+    reval.add_argument("--device", default="cpu", help="with --ijb: cpu (default), cuda, cuda:N or auto")
+    reval.add_argument("--threads", type=int, help="with --ijb: inference threads (default: every core)")
+    reval.add_argument("--workers", type=int, help="with --ijb: decoding threads (default: CPU count, at most 8)")
+    reval.add_argument("--resume", action="store_true", help="with --ijb: complete or reuse the embeddings in --out")
+    reval.add_argument("--overwrite", action="store_true", help="with --ijb: embed again over existing embeddings")
     reval.add_argument("--json", action="store_true", help="print JSON")
     _add_convention(reval)
     _add_common(reval)

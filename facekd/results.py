@@ -60,6 +60,9 @@ class ResultFiles:
     predictions: str | None = None  # a quality model's test predictions (predictions.csv)
     metrics: str | None = None  # the trainer's metrics.jsonl
     plot: str | None = None  # roc.png or edc.png
+    embeddings: str | None = None  # an IJB run's image embeddings (embeddings.npz)
+    scores: str | None = None  # an IJB run's pair scores (scores.npy)
+    errors: str | None = None  # the images a job could not use (errors CSV)
 
     def to_dict(self) -> dict[str, str]:
         return {key: value for key, value in asdict(self).items() if value is not None}
@@ -254,8 +257,21 @@ class RecognitionReport:
                        files=ResultFiles.from_dict(data.get("files"), path))
 
 
+class _FlatRecord:
+    """A record whose fields are its report.json keys, with `files` a ResultFiles."""
+    pipeline: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {"pipeline": self.pipeline, **data, "files": self.files.to_dict() if self.files else {}}
+
+    @classmethod
+    def from_dict(cls, data: dict, path: os.PathLike | str):
+        return _record(cls, data, path, files=ResultFiles.from_dict(data.get("files"), path))
+
+
 @dataclass
-class EdcReport:
+class EdcReport(_FlatRecord):
     """report.json of `facekd evaluate edc`: an `edc_report` (facekd.evaluation.edc) and where
     its comparisons, models and plot are."""
     pipeline: ClassVar[str] = "edc"
@@ -284,17 +300,36 @@ class EdcReport:
         """Every curve entry by name: the quality models, then random and theoretical best."""
         return {**self.qualities, "random": self.random, "theoretical best": self.theoretical_best}
 
-    def to_dict(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
-        return {"pipeline": self.pipeline, **data, "files": self.files.to_dict() if self.files else {}}
 
-    @classmethod
-    def from_dict(cls, data: dict, path: os.PathLike | str) -> EdcReport:
-        return _record(cls, data, path, files=ResultFiles.from_dict(data.get("files"), path))
+@dataclass
+class IjbReport(_FlatRecord):
+    """report.json of `facekd recognition eval --ijb`: IJB-B/C 1:1 template verification
+    (facekd.recognition.ijb); `tpr_at_fpr` by facekd's rule, `tpr_at_fpr_nearest` as eval_ijbc.py."""
+    pipeline: ClassVar[str] = "ijb"
+    target: str
+    root: str
+    model: str | None
+    mode: str
+    options: dict[str, bool]
+    images: int
+    templates: int
+    pairs: int
+    scored_pairs: int
+    skipped_pairs: int
+    templates_without_images: list[int]
+    skipped_images: list[dict[str, str]]
+    positives: int
+    negatives: int
+    auc: float
+    eer: float
+    tpr_at_fpr: list[dict[str, Any]]
+    tpr_at_fpr_nearest: list[dict[str, Any]]
+    embedding: dict[str, Any]
+    files: ResultFiles | None = None
 
 
-RESULT_TYPES = {record.pipeline: record for record in (QualityReport, RecognitionReport, EdcReport)}
-Result = QualityReport | RecognitionReport | EdcReport
+RESULT_TYPES = {record.pipeline: record for record in (QualityReport, RecognitionReport, EdcReport, IjbReport)}
+Result = QualityReport | RecognitionReport | EdcReport | IjbReport
 
 
 def write_result(result: Result, folder: Path) -> dict[str, Any]:

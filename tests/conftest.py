@@ -16,3 +16,14 @@ def _private_model_cache(tmp_path_factory):
         os.environ.pop("FACEKD_CACHE_DIR", None)
     else:
         os.environ["FACEKD_CACHE_DIR"] = previous
+
+
+@pytest.fixture
+def keep_torch_threads():
+    """`open_model` sets torch's process-wide thread count: put it back after the test (modules
+    that open models set `pytestmark = pytest.mark.usefixtures("keep_torch_threads")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

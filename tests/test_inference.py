@@ -34,6 +34,8 @@ from facekd.models import build_model
 from facekd.models.artifact import save_model
 from facekd.inference.predictors import FaceEmbedder, QualityModel, preprocess
 
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")  # conftest.py
+
 SIZE = 32
 
 
@@ -45,14 +47,6 @@ def lively_model(arch: str, images: np.ndarray, seed: int, **options):
 
 def image_files(faces: Path) -> list[Path]:
     return sorted(p for p in faces.rglob("*") if p.is_file())
-
-
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    """`open_model` sets torch's process-wide thread count: put it back after each test."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

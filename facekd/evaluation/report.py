@@ -8,6 +8,7 @@ becomes one section, chosen by its "pipeline" key:
 - "recognition": summary, verification table per evaluation set, training curves, ROC plot;
   several recognition runs also get a comparison table;
 - "edc": pAUC table per curve and limit, EDC plot;
+- "ijb": IJB-B/C facts, TPR at FPR by both rules (eval_ijbc.py's nearest point, facekd's), ROC plot;
 - anything else: a section that says the pipeline is not known.
 
 The page is drawn from the saved results alone (facekd.results: report.json, the quality
@@ -36,8 +37,8 @@ from facekd.checks import whole_number
 from facekd.errors import DataError, FacekdError
 from facekd.plots import png_bytes
 from facekd.progress import Progress
-from facekd.results import (REPORT_FILE, RESULT_TYPES, EdcReport, QualityReport, RecognitionReport, ReportFormatError,
-                            TestPredictions, read_report_json, result_from_dict)
+from facekd.results import (REPORT_FILE, RESULT_TYPES, EdcReport, IjbReport, QualityReport, RecognitionReport,
+                            ReportFormatError, TestPredictions, read_report_json, result_from_dict)
 
 PathLike = str | os.PathLike
 
@@ -45,7 +46,7 @@ HTML_FILE = "report.html"
 MAX_DEPTH = 3
 THUMB_PX = 96
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PIPELINE_ORDER = {"quality": 0, "recognition": 1, "edc": 2}
+_PIPELINE_ORDER = {"quality": 0, "recognition": 1, "ijb": 2, "edc": 3}
 _RECOGNITION_CURVES = ("loss", "margin_loss", "distill")
 _NUMBER = re.compile(r"[-+−]?(\d[\d,]*(\.\d*)?|\.\d+)([eE][-+]?\d+)?%?|n/a")
 
@@ -97,7 +98,7 @@ def render_report(run_dir: PathLike, *, gallery: int = 48, progress: Progress | 
     sections: list[_Section] = []
     recognition: list[tuple[Path, RecognitionReport]] = []
     last_recognition = 0
-    titles = {"quality": "Quality run", "recognition": "Recognition run", "edc": "EDC"}
+    titles = {"quality": "Quality run", "recognition": "Recognition run", "edc": "EDC", "ijb": "IJB verification"}
     for path, data in reports:
         pipeline = data.get("pipeline")
         where = _where(root, path)
@@ -117,6 +118,8 @@ def render_report(run_dir: PathLike, *, gallery: int = 48, progress: Progress | 
             recognition.append((path, result))
             sections.append(_guarded(title, lambda: _recognition_section(path, result)))
             last_recognition = len(sections)
+        elif isinstance(result, IjbReport):
+            sections.append(_guarded(title, lambda: _ijb_section(path, result)))
         else:
             sections.append(_guarded(title, lambda: _edc_section(path, result)))
     if len(recognition) >= 2:
@@ -544,6 +547,32 @@ def _recognition_comparison(runs: Sequence[tuple[Path, RecognitionReport]]) -> s
 
 
 # --- EDC
+
+
+def _ijb_section(path: Path, report: IjbReport) -> str:
+    lost = report.templates_without_images
+    switches = ", ".join(f"{name} {'on' if on else 'off'}" for name, on in report.options.items())
+    facts = [("Set", f"{report.target} ({report.root})"), ("Model", report.model or "?"),
+             ("Setting", f"{report.mode}: {switches}"),
+             ("Images", _fmt(report.images, "d")), ("Templates", _fmt(report.templates, "d")),
+             ("Pairs scored", f"{_fmt(report.scored_pairs, 'd')} of {_fmt(report.pairs, 'd')}"),
+             ("Positives / negatives", f"{_fmt(report.positives, 'd')} / {_fmt(report.negatives, 'd')}"),
+             ("AUC", _fmt(report.auc)), ("EER", _fmt(report.eer)),
+             ("Unusable images", _fmt(len(report.skipped_images), "d")),
+             ("Templates without images", _fmt(len(lost), "d") + (f" (e.g. {', '.join(map(str, lost[:5]))})"
+                                                                  if lost else ""))]
+    rows = [(f"{nearest['fpr_level']:.0e}", _fmt(nearest.get("tpr")), _fmt(nearest.get("fpr"), ".2e"),
+             _fmt(strict.get("tpr") if strict.get("supported") else None),
+             _fmt(strict.get("achieved_fpr") if strict.get("supported") else None, ".2e"))
+            for nearest, strict in zip(report.tpr_at_fpr_nearest, report.tpr_at_fpr)]
+    parts = [_facts(facts), "<h3>TPR at FPR</h3>",
+             _table(["FPR level", "TPR (nearest point)", "its FPR", "TPR (FPR at most the level)", "achieved FPR"],
+                    rows, caption="nearest point: the ROC point nearest the level, as eval_ijbc.py tabulates it; "
+                                  "at most the level: facekd's rule (n/a: too few impostor pairs)"),
+             "<h3>ROC</h3>",
+             _part(lambda: _img(_png_file(report.files.locate("plot", path)), "image/png", "ROC curve", "plot roc"),
+                   "no ROC plot")]
+    return "".join(parts)
 
 
 def _edc_section(path: Path, report: EdcReport) -> str:

@@ -36,13 +36,13 @@ from facekd.inference.journal import Journal
 from facekd.inference.outputs import EMBEDDINGS, SCORES, OutputFormat, output_format
 from facekd.inference.shards import Shard, select_shard
 from facekd.io.atomic import atomic_write, atomic_write_text
-from facekd.io.decode import check_workers, decode_batches
+from facekd.io.decode import Prepare, check_workers, decode_batches
 from facekd.io.formats import absolute, portable_path, resolve_inputs
 from facekd.io.decode import check_batch_size
 from facekd.progress import Progress
 
-__all__ = ["JobSummary", "embed_files", "errors_path", "journal_path", "merge_outputs", "record_path",
-           "score_files"]
+__all__ = ["JobSummary", "embed_files", "errors_path", "journal_path", "merge_outputs", "read_errors",
+           "record_path", "score_files"]
 
 PathLike = str | os.PathLike
 
@@ -107,7 +107,8 @@ def _write_errors(out: Path, errors: list[tuple[Path, str]]) -> Path | None:
     return target
 
 
-def _read_errors(out: Path) -> list[tuple[Path, str]]:
+def read_errors(out: PathLike) -> list[tuple[Path, str]]:
+    """The (path, reason) rows of the errors CSV beside a job's output (none when it has none)."""
     from facekd.io.formats import resolve_relative
 
     target = errors_path(out)
@@ -145,7 +146,7 @@ def _check_same_job(out: Path, identity: dict) -> None:
 def _run_job(model, inputs: Sequence[PathLike], out: PathLike, fmt: OutputFormat, *, flip: bool, batch_size: int,
              strict: bool, resume: bool, overwrite: bool, workers: int | None, fingerprint: str | None,
              shard: Shard | None, backend: dict | None, progress: Progress | None,
-             files: Sequence[Path] | None = None) -> JobSummary:
+             files: Sequence[Path] | None = None, prepare: Prepare | None = None) -> JobSummary:
     batch_size = check_batch_size(batch_size)
     workers = check_workers(workers)
     progress = progress or Progress()
@@ -173,7 +174,7 @@ def _run_job(model, inputs: Sequence[PathLike], out: PathLike, fmt: OutputFormat
     started = time.perf_counter()
     try:
         with progress.task(f"{fmt.verb} images", len(todo), unit="img") as bar:
-            for batch in decode_batches(todo, model.geometry, batch_size, workers):
+            for batch in decode_batches(todo, model.geometry, batch_size, workers, prepare=prepare):
                 for path, reason in batch.errors:
                     if strict:
                         raise DataError(path, reason)
@@ -225,32 +226,36 @@ def _run_job(model, inputs: Sequence[PathLike], out: PathLike, fmt: OutputFormat
 def score_files(model, inputs: Sequence[PathLike], out_csv: PathLike, *, batch_size: int = 64, strict: bool = False,
                 resume: bool = False, overwrite: bool = False, workers: int | None = None,
                 fingerprint: str | None = None, shard: Shard | None = None, backend: dict | None = None,
-                progress: Progress | None = None, files: Sequence[Path] | None = None) -> JobSummary:
+                progress: Progress | None = None, files: Sequence[Path] | None = None,
+                prepare: Prepare | None = None) -> JobSummary:
     """Score image files, folders (recursive) and image lists into the CSV `out_csv` (see the
     module doc). `model`: a quality predictor from `facekd.load`, `load_onnx` or
     `facekd.inference.open_model`; images are decoded and resized by `workers` threads (None:
     up to 8, 0: none). `fingerprint` (the model file's hash) guards `resume` against mixing
     models; `shard` keeps only that shard's files. `files`: `resolve_inputs(inputs)` when the
-    caller already has it (a large folder is then walked once)."""
+    caller already has it (a large folder is then walked once). `prepare(path, image)`: a
+    per-file step between decoding and resizing (e.g. an alignment); it changes the outputs, so
+    make it part of `fingerprint`."""
     if getattr(model, "task", "quality") != "quality":
         raise ConfigError(f"score needs a quality model, got a {model.task} model")
     return _run_job(model, inputs, out_csv, SCORES, flip=False, batch_size=batch_size, strict=strict, resume=resume,
                     overwrite=overwrite, workers=workers, fingerprint=fingerprint, shard=shard, backend=backend,
-                    progress=progress, files=files)
+                    progress=progress, files=files, prepare=prepare)
 
 
 def embed_files(model, inputs: Sequence[PathLike], out_npz: PathLike, *, flip: bool = False, batch_size: int = 128,
                 strict: bool = False, resume: bool = False, overwrite: bool = False, workers: int | None = None,
                 fingerprint: str | None = None, shard: Shard | None = None, backend: dict | None = None,
-                progress: Progress | None = None, files: Sequence[Path] | None = None) -> JobSummary:
-    """Embed image files, folders and image lists into `out_npz` (`paths`, L2-normalised
-    float32 `embeddings`); `flip` adds each mirrored image's embedding first. Otherwise as
-    `score_files`, with a recognition predictor."""
+                progress: Progress | None = None, files: Sequence[Path] | None = None,
+                prepare: Prepare | None = None) -> JobSummary:
+    """Embed image files, folders and image lists into `out_npz` (`paths`, float32 `embeddings`:
+    what `model.infer` gives, L2-normalised for facekd's embedders); `flip` adds each mirrored
+    image's embedding first. Otherwise as `score_files`, with a recognition predictor."""
     if getattr(model, "task", "recognition") != "recognition":
         raise ConfigError(f"embed needs a recognition model, got a {model.task} model")
     return _run_job(model, inputs, out_npz, EMBEDDINGS, flip=flip, batch_size=batch_size, strict=strict,
                     resume=resume, overwrite=overwrite, workers=workers, fingerprint=fingerprint, shard=shard,
-                    backend=backend, progress=progress, files=files)
+                    backend=backend, progress=progress, files=files, prepare=prepare)
 
 
 # ----------------------------------------------------------------------------- merge
@@ -343,7 +348,7 @@ def merge_outputs(parts: Sequence[PathLike], out: PathLike, *, partial: bool = F
                 yield vector
 
     fmt.write(out, paths, values(), dim)
-    errors = [row for part in ordered for row in _read_errors(part)]
+    errors = [row for part in ordered for row in read_errors(part)]
     errors_csv = _write_errors(out, errors)
     summary = {"out": str(out), "parts": len(ordered), "rows": len(paths), "skipped": len(errors),
                "missing_shards": missing, "errors_csv": None if errors_csv is None else str(errors_csv)}

@@ -23,8 +23,8 @@ from facekd.io.formats import absolute
 from facekd.io.images import Resize, read_image
 from facekd.progress import Progress
 
-__all__ = ["DecodedBatch", "check_batch_size", "check_geometry", "check_workers", "decode_batches", "default_workers",
-           "load_images", "load_one", "map_ordered"]
+__all__ = ["DecodedBatch", "Prepare", "check_batch_size", "check_geometry", "check_workers", "decode_batches",
+           "default_workers", "load_images", "load_one", "map_ordered"]
 
 PathLike = str | os.PathLike
 ImageError = tuple[Path, str]
@@ -57,11 +57,17 @@ def check_geometry(size: object) -> Resize:
     return size if isinstance(size, Resize) else Resize(check_size(size))
 
 
-def load_one(path: PathLike, size: int | Resize) -> np.ndarray | str:
+#: A per-file step between decoding and resizing: `prepare(path, rgb image) -> image` (e.g. a
+#: 5-point alignment with that file's landmarks); a FacekdError it raises marks the file bad.
+Prepare = Callable[[Path, np.ndarray], np.ndarray]
+
+
+def load_one(path: PathLike, size: int | Resize, prepare: Prepare | None = None) -> np.ndarray | str:
     """`path` decoded to RGB uint8 at the model's input (`size`: a side length to stretch to,
-    or a `Resize`), or the reason it cannot be."""
+    or a `Resize`), after `prepare` when given, or the reason it cannot be."""
     try:
-        return check_geometry(size)(read_image(path))
+        image = read_image(path)
+        return check_geometry(size)(image if prepare is None else prepare(Path(path), image))
     except FacekdError as error:
         return error.reason if isinstance(error, DataError) else str(error)
 
@@ -153,21 +159,23 @@ def _lower_priority() -> None:
 
 
 def decode_batches(paths: Sequence[Path], size: int | Resize, batch_size: int, workers: int | None = None,
-                   ahead: int = 2) -> Iterator[DecodedBatch]:
+                   ahead: int = 2, prepare: Prepare | None = None) -> Iterator[DecodedBatch]:
     """`paths` decoded and resized to size×size, `batch_size` at a time, in input order.
 
     With `workers` > 0 threads (at a lower OS priority than the caller), up to `ahead` batches
     decode while the caller works on the current one: memory stays at (ahead + 1) batches of
-    images however many paths there are. `size`: a side length or a `Resize`."""
+    images however many paths there are. `size`: a side length or a `Resize`; `prepare`: a
+    per-file step before the resize (see `Prepare`), run on the decoding threads."""
     geometry = check_geometry(size)
     size = geometry.size
     workers = check_workers(workers)
     batch_size = check_batch_size(batch_size)
     starts = range(0, len(paths), batch_size)
+    load_args = (geometry,) if prepare is None else (geometry, prepare)  # after the path
     if workers == 0:
         for start in starts:
             batch = paths[start:start + batch_size]
-            yield _assemble(batch, (load_one(p, geometry) for p in batch), size)
+            yield _assemble(batch, (load_one(p, *load_args) for p in batch), size)
         return
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="facekd-decode", initializer=_lower_priority)
     pending: deque[tuple[Sequence[Path], list[Future]]] = deque()
@@ -177,7 +185,7 @@ def decode_batches(paths: Sequence[Path], size: int | Resize, batch_size: int, w
         start = next(next_start, None)
         if start is not None:
             batch = paths[start:start + batch_size]
-            pending.append((batch, [pool.submit(load_one, p, geometry) for p in batch]))
+            pending.append((batch, [pool.submit(load_one, p, *load_args) for p in batch]))
 
     try:
         for _ in range(max(1, ahead)):

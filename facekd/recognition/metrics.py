@@ -235,21 +235,23 @@ def kfold_accuracy(scores: ArrayLike, issame: ArrayLike, folds: int = 10) -> dic
 
 
 def verification_report(scores: ArrayLike, issame: ArrayLike, levels: Sequence[float] = FPR_LEVELS,
-                        folds: int = 10) -> dict[str, Any]:
+                        folds: int | None = 10) -> dict[str, Any]:
     """Every verification figure in one JSON-able dict (Python ints, floats, bools and None).
 
     Keys: pairs, positives, negatives, folds, accuracy and accuracy_std (k-fold mean and std,
-    None when there are fewer pairs than folds), tpr_at_fpr (as `tpr_at_fpr`), auc (trapezoid
-    rule over the exact ROC, ties counting half), eer (equal error rate, interpolated on the ROC).
+    None when there are fewer pairs than folds or `folds` is None), tpr_at_fpr (as
+    `tpr_at_fpr`), auc (trapezoid rule over the exact ROC, ties counting half), eer (equal error
+    rate, interpolated on the ROC).
     """
     level_list = _as_levels(levels)
-    fold_count = whole_number(folds, "folds:", 2)
+    fold_count = None if folds is None else whole_number(folds, "folds:", 2, note=" or None")
     score_arr, same_arr = comparison_arrays(scores, issame)
     from sklearn.metrics import auc as sklearn_auc
 
     fps, tps, thresholds = _roc_counts(score_arr, same_arr)
     fpr, tpr = fps / fps[-1], tps / tps[-1]
-    accuracy = _kfold_accuracy(score_arr, same_arr, fold_count) if score_arr.size >= fold_count else None
+    accuracy = (_kfold_accuracy(score_arr, same_arr, fold_count)
+                if fold_count is not None and score_arr.size >= fold_count else None)
     return {
         "pairs": int(score_arr.size),
         "positives": int(tps[-1]),

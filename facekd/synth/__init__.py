@@ -1,5 +1,5 @@
 """Deterministic synthetic faces: identity datasets for recognition and degraded, MOS-labeled
-datasets for quality assessment (`facekd synth identities|quality`).
+datasets for quality assessment, IJB-style template sets (`facekd synth identities|quality|ijb`).
 
 Importing this package is cheap; `faces` (the renderer), `degrade` (degradations and the MOS
 formula) and `datasets` (the writers) hold the details."""
@@ -11,6 +11,7 @@ from facekd.synth.datasets import (DEFAULT_DIFFICULTY, DEFAULT_QUALITY_SIZE, FOR
 from facekd.synth.degrade import (DEGRADATIONS, Degradation, apply_degradations, mos_from_severities,
                                   sample_severities)
 from facekd.synth.faces import FaceRenderer, IdentityParams, View, render_face, sample_identity, sample_view
+from facekd.synth.ijb import generate_ijb
 
 __all__ = [
     "DEFAULT_DIFFICULTY",
@@ -24,6 +25,7 @@ __all__ = [
     "apply_degradations",
     "difficulty_settings",
     "generate_identities",
+    "generate_ijb",
     "generate_quality",
     "make_contact_sheet",
     "mos_from_severities",
