@@ -321,7 +321,7 @@ def _recognition_eval_ijb(args: argparse.Namespace) -> int:
     ijb_files(args.ijb, args.target)  # an unknown --target fails before the model is opened
     progress = _progress(args)
     model, choice = open_model(args.model, backend=args.backend, device=args.device, threads=args.threads,
-                               batch_size=args.batch_size, progress=progress)
+                               batch_size=args.batch_size, progress=progress, convention=_convention(args))
     progress.log(f"{choice.backend} on {choice.device}, batches of {choice.batch_size}: {choice.reason}")
     options = IjbOptions(flip=not args.no_flip, norm_score=not args.no_norm_score,
                          detector_score=not args.no_detector_score)

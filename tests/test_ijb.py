@@ -433,3 +433,17 @@ def test_cli_synth_and_eval_end_to_end(tmp_path, model_file, capsys):
     assert main(command[:6] + ["IJBC"] + command[7:]) == 2
     err = capsys.readouterr().err.strip()
     assert "ijbc_face_tid_mid.txt" in err and "not found" in err and "\n" not in err
+
+
+def test_a_zoo_onnx_recognizer_gives_the_model_files_scores(tmp_path, ijb_root, model_file, evaluated):
+    """The same network as an insightface-zoo-style graph (float32 NCHW input, no metadata) with
+    `--preset insightface`: the scores of the facekd model file, within ONNX Runtime's rounding."""
+    from facekd.models.artifact import load_model
+    from test_onnx_recognizers import export_foreign
+
+    graph = export_foreign(load_model(model_file), tmp_path / "zoo.onnx", size=112)
+    out = tmp_path / "run"
+    assert main(["recognition", "eval", str(graph), "--preset", "insightface", "--ijb", str(ijb_root),
+                 "--out", str(out), "--backend", "onnx", "--workers", "1", "--batch-size", "16", "-q"]) == 0
+    zoo, own = np.load(out / "scores.npy"), np.load(evaluated[0] / "scores.npy")
+    assert zoo.shape == own.shape and np.nanmax(np.abs(zoo - own)) <= 1e-4

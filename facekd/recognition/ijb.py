@@ -15,6 +15,7 @@ a template left without images is reported and its pairs are skipped (not scored
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -231,6 +232,9 @@ def evaluate_ijb(model, root: PathLike, out: PathLike, *, target: str = "IJBC", 
         model_file = model
         model = load(model, batch_size=batch_size)
     fingerprint = None if model_file is None else file_digest(model_file)
+    convention = getattr(model, "info", {}).get("input_convention")  # an .onnx recognizer from elsewhere
+    if fingerprint is not None and convention:
+        fingerprint += json.dumps(convention, sort_keys=True)
     if getattr(model, "task", None) != "recognition":
         raise ConfigError(f"IJB evaluation needs a recognition model, got a {getattr(model, 'task', '?')} model")
     out = absolute(out)
