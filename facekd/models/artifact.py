@@ -141,7 +141,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
         except Exception as error:
             raise DataError(path, f"truncated or damaged weights ({error})") from None
     try:
-        model = build_model(info.arch, input_size=info.input_size, load_pretrained=False, **info.options)
+        with torch.random.fork_rng(devices=[]):  # the random init is overwritten: draw nothing from the caller's stream
+            model = build_model(info.arch, input_size=info.input_size, load_pretrained=False, **info.options)
     except (FacekdError, TypeError) as error:
         raise DataError(path, f"cannot rebuild the model: {error}") from None
     try:

@@ -108,8 +108,7 @@ def _load_teacher(path: Path, student, convention=None) -> nn.Module:
     """The frozen teacher: a facekd model file, or an `.onnx` recognizer (ONNX Runtime, CPU)."""
     from facekd.inference.predictors import load
 
-    with torch.random.fork_rng(devices=[]):  # rebuilding the teacher draws no number of the student's run
-        predictor = load(path, convention=convention)
+    predictor = load(path, convention=convention)
     onnx = path.suffix.lower() == ".onnx"
     teacher = OnnxTeacher(predictor, student.normalization) if onnx else predictor.model
     if teacher.task != "recognition":
