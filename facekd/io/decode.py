@@ -7,6 +7,7 @@ batch job overlaps decoding with inference and holds O(batch) images whatever it
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections import deque
@@ -121,7 +122,8 @@ def load_images(paths: Sequence[PathLike], size: int | Resize, progress: Progres
 class DecodedBatch:
     """One batch of `decode_batches`: the images that decoded (uint8 (K, S, S, 3), in input
     order, with their `paths`) and the `(path, reason)` of those that did not. `size` is the
-    number of input paths the batch covers (K + len(errors))."""
+    number of input paths the batch covers (K + len(errors)). With a `load` of its own, the
+    "paths" are the items it was given."""
 
     paths: list[Path]
     images: np.ndarray
@@ -159,23 +161,27 @@ def _lower_priority() -> None:
 
 
 def decode_batches(paths: Sequence[Path], size: int | Resize, batch_size: int, workers: int | None = None,
-                   ahead: int = 2, prepare: Prepare | None = None) -> Iterator[DecodedBatch]:
+                   ahead: int = 2, prepare: Prepare | None = None,
+                   load: Callable[[object], np.ndarray | str] | None = None) -> Iterator[DecodedBatch]:
     """`paths` decoded and resized to size×size, `batch_size` at a time, in input order.
 
     With `workers` > 0 threads (at a lower OS priority than the caller), up to `ahead` batches
     decode while the caller works on the current one: memory stays at (ahead + 1) batches of
     images however many paths there are. `size`: a side length or a `Resize`; `prepare`: a
-    per-file step before the resize (see `Prepare`), run on the decoding threads."""
+    per-file step before the resize (see `Prepare`), run on the decoding threads. `load(item)`
+    replaces `load_one` for items that are not image files (e.g. the indices of a RecordIO
+    set): it returns the size×size image or the reason it cannot."""
     geometry = check_geometry(size)
     size = geometry.size
     workers = check_workers(workers)
     batch_size = check_batch_size(batch_size)
     starts = range(0, len(paths), batch_size)
-    load_args = (geometry,) if prepare is None else (geometry, prepare)  # after the path
+    if load is None:
+        load = functools.partial(load_one, size=geometry, prepare=prepare)
     if workers == 0:
         for start in starts:
             batch = paths[start:start + batch_size]
-            yield _assemble(batch, (load_one(p, *load_args) for p in batch), size)
+            yield _assemble(batch, map(load, batch), size)
         return
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="facekd-decode", initializer=_lower_priority)
     pending: deque[tuple[Sequence[Path], list[Future]]] = deque()
@@ -185,7 +191,7 @@ def decode_batches(paths: Sequence[Path], size: int | Resize, batch_size: int, w
         start = next(next_start, None)
         if start is not None:
             batch = paths[start:start + batch_size]
-            pending.append((batch, [pool.submit(load_one, p, *load_args) for p in batch]))
+            pending.append((batch, [pool.submit(load, p) for p in batch]))
 
     try:
         for _ in range(max(1, ahead)):
