@@ -5,12 +5,14 @@ the balanced P×K batch sampler of margin-softmax training and EKD.
 (`cache=True`; "auto" does so when they fit in `cache_limit_bytes`), skipping and listing
 unreadable images in `.errors`, or decodes each image when it is read (MS1MV2's 5.8 M images
 do not fit in memory); an unreadable image then stops training with a DataError naming it.
-Augmentation is insightface's: a horizontal flip with probability 0.5, drawn from
-`facekd.engine.sample_rng` so it is the same whatever the number of workers or processes.
+Augmentation (`TRAIN_TRANSFORMS`) is insightface's by default: a horizontal flip with
+probability 0.5, drawn from `facekd.engine.sample_rng` so it is the same whatever the number
+of workers or processes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -22,12 +24,15 @@ from torch.utils.data import Dataset
 from facekd.engine.distributed import derive_seed
 from facekd.errors import ConfigError, DataError, FacekdError
 from facekd.inference.predictors import check_normalization, preprocess
-from facekd.io.formats import read_identity_folder
+from facekd.io.formats import absolute, file_digest, read_identity_folder
 from facekd.io.images import decode_image, read_image, resize_to
 from facekd.progress import Progress
 
 PathLike = str | os.PathLike
 DEFAULT_CACHE_LIMIT = 4 << 30
+#: flip: mirrored with probability 0.5 (insightface); none; flip_shift: the flip, then shifted by
+#: up to 1/16 of the side in x and y (edge pixels repeated), for small sets.
+TRAIN_TRANSFORMS = ("flip", "none", "flip_shift")
 
 
 class IdentitySource:
@@ -73,22 +78,42 @@ class IdentitySource:
             return read_image(self._paths[index])
         return decode_image(self._rec.image_bytes(index), source=self.name(index))
 
+    def digest(self) -> str:
+        """What identifies this set's images, in order (16 hex): for a folder each image's path
+        relative to it, label and byte size; for a RecordIO its index file, the `.rec` size and
+        the labels. A copy elsewhere keeps it; adding, removing, relabelling or resizing a file
+        changes it."""
+        hasher = hashlib.sha256(f"{self.kind}\n".encode())
+        if self._paths is not None:
+            root = absolute(self.path)
+            for path, label in zip(self._paths, self.labels.tolist()):
+                hasher.update(f"{path.relative_to(root)}\0{label}\0{path.stat().st_size}\n".encode())
+        else:
+            hasher.update(f"{file_digest(self._rec.reader.idx_path)}\0{os.path.getsize(self.path)}\n".encode())
+            hasher.update(self.labels.tobytes())
+            hasher.update(np.asarray(self._rec.image_keys, dtype=np.int64).tobytes())
+        return hasher.hexdigest()[:16]
+
 
 def _has_identity_folders(path: Path) -> bool:
     return any(entry.is_dir() and not entry.name.startswith(".") for entry in os.scandir(path))
 
 
 class RecognitionDataset(Dataset):
-    """Item i: {"image": float32 (3, S, S) normalised, "label": int64, "index": int64}."""
+    """Item i: {"image": float32 (3, S, S) normalised, "label": int64, "index": int64, and in
+    training "sample": int64 (the image's index in `source`), "flip": bool (mirrored)}."""
 
     def __init__(self, source: IdentitySource, input_size: int, normalization: Mapping[str, Sequence[float]],
                  train: bool = True, cache: bool | str = "auto", cache_limit_bytes: int = DEFAULT_CACHE_LIMIT,
-                 progress: Progress | None = None, workers: int | None = None):
+                 progress: Progress | None = None, workers: int | None = None, transform: str = "flip"):
         from facekd.io.decode import check_workers
 
+        if transform not in TRAIN_TRANSFORMS:
+            raise ConfigError(f"train_transform: expected one of {', '.join(TRAIN_TRANSFORMS)}, got {transform!r}")
         self.source = source
         self.input_size = int(input_size)
         self.train = bool(train)
+        self.transform = transform
         self.normalization = check_normalization(normalization)
         if cache not in (True, False, "auto"):
             raise ConfigError(f"cache: expected true, false or auto, got {cache!r}")
@@ -140,14 +165,28 @@ class RecognitionDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         index = int(index)
         image = self.images[index] if self.images is not None else self._load(int(self.indices[index]))
+        item = {"label": torch.tensor(int(self.labels[index]), dtype=torch.int64),
+                "index": torch.tensor(index, dtype=torch.int64)}
         if self.train:
             from facekd.engine import sample_rng
 
-            if sample_rng(index).random() < 0.5:
+            rng = sample_rng(index)
+            flip = self.transform != "none" and rng.random() < 0.5
+            if flip:
                 image = image[:, ::-1]
-        return {"image": preprocess(image, self.normalization)[0],
-                "label": torch.tensor(int(self.labels[index]), dtype=torch.int64),
-                "index": torch.tensor(index, dtype=torch.int64)}
+            if self.transform == "flip_shift":
+                image = _shifted(image, *rng.integers(-(self.input_size // 16), self.input_size // 16 + 1, size=2))
+            item.update(sample=torch.tensor(int(self.indices[index]), dtype=torch.int64),
+                        flip=torch.tensor(flip))
+        return {"image": preprocess(image, self.normalization)[0], **item}
+
+
+def _shifted(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """`image` moved down by dy and right by dx pixels, the edge pixels repeated into the gap."""
+    height, width = image.shape[:2]
+    rows = np.clip(np.arange(height) - dy, 0, height - 1)
+    cols = np.clip(np.arange(width) - dx, 0, width - 1)
+    return image[rows[:, None], cols[None, :]]
 
 
 class IdentityBatchSampler:
