@@ -172,8 +172,9 @@ def _inference_job(args: argparse.Namespace, job) -> int:
     backend, run the job on this shard, print the summary."""
     from facekd.errors import ConfigError
     from facekd.inference import open_model, parse_shard
+    from facekd.inference.conventions import model_fingerprint
     from facekd.inference.shards import shard_output
-    from facekd.io.formats import file_digest, resolve_inputs
+    from facekd.io.formats import resolve_inputs
 
     shard = parse_shard(args.shard)
     if args.shard == "auto" and shard.count > 1 and "{shard}" not in args.out:
@@ -189,7 +190,7 @@ def _inference_job(args: argparse.Namespace, job) -> int:
     progress.log(f"{choice.backend} on {choice.device}, {threads}, batches of {choice.batch_size}: {choice.reason}")
     summary = job(model, args.paths, out, batch_size=choice.batch_size, strict=args.strict, resume=args.resume,
                   overwrite=args.overwrite, workers=args.workers, shard=shard,
-                  fingerprint=file_digest(args.model) + (json.dumps(convention.to_dict()) if convention else ""),
+                  fingerprint=model_fingerprint(args.model, convention),
                   backend=choice.to_dict(), progress=progress, files=files)
     table = summary.to_dict()
     table["backend"] = f"{choice.backend} ({choice.reason})"
@@ -269,7 +270,8 @@ def cmd_recognition_distill(args: argparse.Namespace) -> int:
     if args.method:
         config.distill.method = args.method
     report = train_recognition(config, args.out, role="student", teacher_path=args.teacher,
-                               teacher_convention=_convention(args), progress=_progress(args))
+                               teacher_convention=_convention(args), teacher_cache=args.teacher_cache,
+                               progress=_progress(args))
     _print_recognition(report, f"student ({config.distill.method})")
     return 0
 
@@ -351,6 +353,20 @@ def _recognition_eval_ijb(args: argparse.Namespace) -> int:
         _console().print(f"{len(lost)} templates lost every image ({result['skipped_pairs']} pairs skipped), e.g. "
                          f"{', '.join(map(str, lost[:5]))}")
     _console().print(f"report: {Path(args.out) / 'report.json'}")
+    return 0
+
+
+def cmd_recognition_teacher_cache(args: argparse.Namespace) -> int:
+    from facekd.inference import parse_shard
+    from facekd.recognition.teacher_cache import build_teacher_cache
+
+    summary = build_teacher_cache(args.teacher, args.data, args.out, convention=_convention(args),
+                                  backend=args.backend, device=args.device, threads=args.threads,
+                                  batch_size=args.batch_size, workers=args.workers, part_images=args.part_images,
+                                  shard=parse_shard(args.shard), overwrite=args.overwrite, progress=_progress(args))
+    _print_summary(f"teacher cache → {args.out}", summary.to_dict())
+    if not summary.complete:
+        _console().print("other shards' parts are still to do: the cache is usable once every part is done")
     return 0
 
 
@@ -448,8 +464,8 @@ def _convention(args: argparse.Namespace):
                                         one(getattr(args, "input_std", None)), getattr(args, "bgr", False))
 
 
-def _add_inference(parser: argparse.ArgumentParser, batch_size: int) -> None:
-    """Options of the batch inference commands (score, embed)."""
+def _add_backend(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    """Where and how a command runs a model over many images: backend, device, threads, batches."""
     parser.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
                         help="auto: time PyTorch and ONNX Runtime on this machine and keep the faster (default)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto (GPU of LOCAL_RANK)")
@@ -457,6 +473,11 @@ def _add_inference(parser: argparse.ArgumentParser, batch_size: int) -> None:
     parser.add_argument("--workers", type=int, help="decoding threads (default: CPU count, at most 8)")
     parser.add_argument("--batch-size", type=int, default=batch_size,
                         help=f"largest batch (default: {batch_size}); auto may pick 8 where that is faster")
+
+
+def _add_inference(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    """Options of the batch inference commands (score, embed)."""
+    _add_backend(parser, batch_size)
     parser.add_argument("--shard", metavar="I/N",
                         help="only shard I of N (stable by path); auto: from torchrun/Slurm; {shard} in --out")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad image instead of skipping it")
@@ -593,8 +614,25 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--teacher", help="teacher model file (default: distill.teacher of the config)")
     distill.add_argument("--method", choices=("none", "feature", "rkd", "similarity", "ekd"),
                          help="distillation method (default: distill.method of the config)")
+    distill.add_argument("--teacher-cache", metavar="CACHE",
+                         help="read the teacher's embeddings from this cache (`recognition teacher-cache`) "
+                              "instead of running it (default: distill.teacher_cache of the config)")
     _add_convention(distill, "--teacher")
     distill.set_defaults(func=cmd_recognition_distill)
+
+    tcache = recognition_commands.add_parser(
+        "teacher-cache", help="embed every training image and its mirror with the teacher, once, for distill")
+    tcache.add_argument("teacher", help="teacher model file (.safetensors, or an .onnx recognizer)")
+    tcache.add_argument("--data", required=True, help="training data: an identity folder or an insightface .rec")
+    tcache.add_argument("--out", required=True, help="cache folder (an interrupted build is completed)")
+    _add_backend(tcache, batch_size=128)
+    tcache.add_argument("--part-images", type=int, default=16384,
+                        help="images per part, the unit of resuming and sharding (default: 16384)")
+    tcache.add_argument("--shard", metavar="I/N", help="only parts p with p %% N == I (processes sharing one cache)")
+    tcache.add_argument("--overwrite", action="store_true", help="replace a cache of another teacher or data")
+    _add_convention(tcache, "TEACHER")
+    _add_common(tcache)
+    tcache.set_defaults(func=cmd_recognition_teacher_cache)
 
     reval = recognition_commands.add_parser("eval", help="verification accuracy, TPR@FPR and ROC of a model")
     reval.add_argument("model", help="recognition model file")

@@ -15,7 +15,7 @@ from facekd.losses.margin import MarginSoftmax
 from facekd.recognition.data import IdentityBatchSampler, IdentitySource, RecognitionDataset
 from facekd.recognition.train import train_recognition
 from facekd.synth import generate_identities
-from helpers import tiny_recognition_config as tiny_config
+from helpers import lively, tiny_recognition_config as tiny_config
 
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory):
@@ -225,7 +225,7 @@ def test_cli_train_distill_eval_embed(faces, tmp_path, capsys):
     assert "give a verification set" in capsys.readouterr().err
 
 
-def test_ekd_distillation_on_two_processes(faces, tmp_path):
+def test_ekd_distillation_on_two_processes_live_and_from_a_teacher_cache(faces, tmp_path):
     import os
     import subprocess
     import sys
@@ -233,18 +233,34 @@ def test_ekd_distillation_on_two_processes(faces, tmp_path):
 
     from facekd.models import build_model
     from facekd.models.artifact import save_model
+    from facekd.recognition.teacher_cache import build_teacher_cache
+
     teacher = tmp_path / "teacher.safetensors"
-    save_model(build_model("mobilefacenet", input_size=32, embedding_size=32), teacher)
+    save_model(lively(build_model("mobilefacenet", input_size=32, embedding_size=32)), teacher)
+    cache = tmp_path / "cache"
+    build_teacher_cache(teacher, faces / "train", cache, backend="torch", workers=0)
     job = Path(__file__).parent / "jobs" / "recognition_ddp.py"
-    done = subprocess.run([sys.executable, str(job), str(faces / "train"), str(teacher), str(tmp_path / "run")],
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+    done = subprocess.run([sys.executable, str(job), str(faces / "train"), str(teacher), str(tmp_path / "run"),
+                           str(cache)], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / "run" / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1] == {"steps": 3, "method": "ekd"}
-    history = [json.loads(line) for line in (tmp_path / "run" / "train" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in history if r["event"] == "train"] == [1, 2, 3]
-    assert all(r["ekd_thr_student"] == r["ekd_thr_student"] for r in history if r["event"] == "train")  # not NaN
+
+    def train_records(run):
+        lines = (run / "train" / "metrics.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["event"] == "train"]
+
+    history = train_records(tmp_path / "run")
+    assert [r["step"] for r in history] == [1, 2, 3]
+    assert all(r["ekd_thr_student"] == r["ekd_thr_student"] for r in history)  # not NaN
     assert (tmp_path / "run" / "model.safetensors").is_file() and (tmp_path / "run" / "report.json").is_file()
+    # every rank reads its own images' teacher embeddings from the cache: the same losses as the live teacher
+    cached = [json.loads((tmp_path / "run" / "cached" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert cached[0] == cached[1] == {"steps": 3, "cache": str(cache)}
+    for live, from_cache in zip(history, train_records(tmp_path / "run" / "cached")):
+        assert from_cache["distill"] == pytest.approx(live["distill"], rel=2e-2)
+        assert from_cache["ekd_thr_teacher"] == pytest.approx(live["ekd_thr_teacher"], abs=2e-3)
 
 
 def test_tface_sampler_epoch_and_random_part_last_on_every_rank():

@@ -9,6 +9,7 @@ normalisation is inside), the same test that class makes."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,6 +75,15 @@ class InputConvention:
 
     def to_dict(self) -> dict:
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+
+def model_fingerprint(path: str | os.PathLike, convention: InputConvention | None) -> str:
+    """What makes a model file's outputs: its content hash, with the input convention given
+    for a recognizer from elsewhere. Batch jobs and teacher caches compare it to resume."""
+    from facekd.io.formats import file_digest
+
+    digest = file_digest(path)
+    return digest if convention is None else digest + json.dumps(convention.to_dict())
 
 
 def _normalises_inside(path: Path) -> bool:

@@ -51,16 +51,21 @@ class Distill(ConfigModel):
     """Distillation of `facekd recognition distill`: `method` one of none, feature, rkd,
     similarity, ekd; total loss = margin softmax + `weight` × distillation loss; `options`
     go to the method (e.g. {metric: cosine} for feature, {top_k: 2000} for ekd); `teacher` a
-    recognition model file (or give --teacher)."""
+    recognition model file (or give --teacher); `teacher_cache` a cache of its embeddings of
+    the training set (`facekd recognition teacher-cache`; or give --teacher-cache), read
+    instead of running the teacher."""
 
     method: Literal["none", "feature", "rkd", "similarity", "ekd"] = "ekd"
     weight: NonNegative = 1.0
     options: dict[str, Any] = {}
     teacher: Optional[ExistingPath] = None
+    teacher_cache: Optional[ExistingPath] = None
 
 
 class RecognitionConfig(TeacherStudentConfig):
-    """Teacher and student models, their schedules, the head, sampler, distillation and data."""
+    """Teacher and student models, their schedules, the head, sampler, distillation and data.
+    `cache`: training images decoded once and kept in memory (auto: when they fit);
+    `train_transform`: the augmentation (`facekd.recognition.data.TRAIN_TRANSFORMS`)."""
 
     head: MarginHead = Field(default_factory=MarginHead)
     sampler: Sampler = Field(default_factory=Sampler)
@@ -69,3 +74,4 @@ class RecognitionConfig(TeacherStudentConfig):
     eval_batch_size: int = Field(128, ge=1)
     eval_flip: bool = True
     cache: Literal["auto", "yes", "no"] = "auto"
+    train_transform: Literal["flip", "none", "flip_shift"] = "flip"

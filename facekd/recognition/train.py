@@ -20,6 +20,7 @@ from facekd.config import config_to_dict
 from facekd.errors import ConfigError, FacekdError
 from facekd.progress import Progress
 from facekd.recognition.config import RecognitionConfig
+from facekd.recognition.teacher_cache import TeacherCache
 from facekd.results import ModelCost, RecognitionReport, ResultFiles, write_result
 
 MODEL_FILE = "model.safetensors"
@@ -29,7 +30,8 @@ ROC_FILE = "roc.png"
 class RecognitionLoss(nn.Module):
     """margin_softmax(model(x), y) + weight · distill(model(x), teacher(x), y); with
     `margin_rows` the margin softmax takes only the batch's last `margin_rows` images (the
-    sampler's random part)."""
+    sampler's random part). The teacher may be a `TeacherCache`: its embeddings of the batch's
+    images (`sample`, `flip`) are then read instead of computed."""
 
     def __init__(self, head: nn.Module, teacher: nn.Module | None = None, distill: nn.Module | None = None,
                  weight: float = 1.0, margin_rows: int = 0):
@@ -55,7 +57,8 @@ class RecognitionLoss(nn.Module):
         metrics = {"margin_loss": loss.detach(), **metrics}
         if self.distill is not None:
             with torch.no_grad():
-                target = self.teacher(images)
+                target = (self.teacher.lookup(batch["sample"], batch["flip"]) if isinstance(self.teacher, TeacherCache)
+                          else self.teacher(images))
             distill_loss, distill_metrics = self.distill(embeddings, target, labels)
             metrics.update(distill=distill_loss.detach(), **distill_metrics)
             loss = loss + self.weight * distill_loss
@@ -122,11 +125,29 @@ def _load_teacher(path: Path, student, convention=None) -> nn.Module:
     return teacher
 
 
+def _cached_teacher(cache_path: Path, teacher_path, convention, config: RecognitionConfig, source,
+                    student) -> tuple[TeacherCache, dict[str, Any]]:
+    """The teacher cache at `cache_path`, checked against the training set, the student's input
+    size, the augmentation and (when one is given) the teacher file; and the run's teacher info."""
+    from facekd.inference.conventions import model_fingerprint
+
+    if config.train_transform not in ("flip", "none"):
+        raise ConfigError(f"distill.teacher_cache: train_transform {config.train_transform!r} changes pixels beyond "
+                          "a flip, and the cache holds the teacher's embeddings of each image and its mirror only; "
+                          "use train_transform flip or none, or distil with the live teacher (--teacher alone)")
+    cache = TeacherCache(cache_path)
+    digest = None if teacher_path is None else model_fingerprint(teacher_path, convention)
+    cache.check(source, student.input_size, digest)
+    return cache, {"path": cache.index["teacher"]["path"], "digest": cache.teacher_digest, "arch": cache.arch,
+                   "cache": str(cache_path)}
+
+
 def train_recognition(config: RecognitionConfig, out_dir: str | Path, *, role: Literal["teacher", "student"],
                       teacher_path: str | Path | None = None, teacher_convention=None,
-                      progress: Progress | None = None) -> dict[str, Any]:
+                      teacher_cache: str | Path | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Train the config's `role` model; with a teacher (for the student, when the distillation
-    method is not `none`) distil it. Returns the report (also written to out_dir/report.json)."""
+    method is not `none`) distil it, from the teacher itself or from `teacher_cache` (a cache of
+    its embeddings of the training set). Returns the report (also written to out_dir/report.json)."""
     from facekd.engine import Trainer, derive_seed, seed_everything
     from facekd.losses.distill import build_distill_loss
     from facekd.losses.margin import MarginSoftmax
@@ -145,21 +166,31 @@ def train_recognition(config: RecognitionConfig, out_dir: str | Path, *, role: L
     seed_everything(derive_seed(train_cfg.seed, 0 if role == "teacher" else 1))
     model = _build(choice, role)
 
+    source = IdentitySource(config.data.train, progress=progress)
     teacher = distill = None
     teacher_info = None
     if method != "none":
         teacher_path = teacher_path or config.distill.teacher
-        if teacher_path is None:
-            raise ConfigError(f"distill.teacher: method {method!r} needs a teacher model (give --teacher MODEL)")
-        teacher = _load_teacher(Path(teacher_path), model, teacher_convention)
-        distill = build_distill_loss(method, **config.distill.options)
-        from facekd.io.formats import file_digest
-        teacher_info = {"path": str(teacher_path), "digest": file_digest(Path(teacher_path)), "arch": teacher.arch}
+        teacher_cache = teacher_cache or config.distill.teacher_cache
+        if teacher_cache is not None:
+            teacher, teacher_info = _cached_teacher(Path(teacher_cache), teacher_path, teacher_convention, config,
+                                                    source, model)
+        elif teacher_path is None:
+            raise ConfigError(f"distill.teacher: method {method!r} needs a teacher model (give --teacher MODEL) "
+                              "or a cache of its embeddings (--teacher-cache CACHE)")
+        else:
+            from facekd.inference.conventions import model_fingerprint
 
-    source = IdentitySource(config.data.train, progress=progress)
+            teacher = _load_teacher(Path(teacher_path), model, teacher_convention)
+            teacher_info = {"path": str(teacher_path), "digest": model_fingerprint(teacher_path, teacher_convention),
+                            "arch": teacher.arch}
+        distill = build_distill_loss(method, **config.distill.options)
+    elif teacher_cache is not None:
+        raise ConfigError("--teacher-cache: the distillation method is none, so no teacher is used")
+
     cache = {"auto": "auto", "yes": True, "no": False}[config.cache]
     dataset = RecognitionDataset(source, model.input_size, model.normalization, train=True, cache=cache,
-                                 progress=progress)
+                                 progress=progress, transform=config.train_transform)
     head = MarginSoftmax(model.embedding_size, dataset.num_classes, config.head.kind, config.head.scale,
                          config.head.margin)
     loss = RecognitionLoss(head, teacher, distill, config.distill.weight, _margin_rows(config, train_cfg))
@@ -181,6 +212,7 @@ def train_recognition(config: RecognitionConfig, out_dir: str | Path, *, role: L
 
     settings = {"role": role, "model": config_to_dict(choice), "head": config_to_dict(config.head),
                 "sampler": config_to_dict(config.sampler), "train_data": str(config.data.train),
+                "train_transform": config.train_transform,
                 "distill": {**config_to_dict(config.distill), "method": method, "teacher": teacher_info}}
     trainer = Trainer(train_cfg, out / "train", progress=progress, extra_config=settings)
     result = trainer.fit(model, loss, dataset, evaluate=evaluate, batch_sampler=sampler)

@@ -1,6 +1,8 @@
 """`facekd recognition distill` with EKD on 2 CPU processes (Fabric DDP, gloo): the P×K batches
 are dealt over the ranks, EKD gathers the global batch, rank 0 writes the model and report.
-Usage: recognition_ddp.py TRAIN_DIR TEACHER_MODEL OUT. Run by tests/test_recognition.py."""
+With a TEACHER_CACHE, a second run in OUT/cached distils from it instead of the live teacher.
+Usage: recognition_ddp.py TRAIN_DIR TEACHER_MODEL OUT [TEACHER_CACHE]. Run by
+tests/test_recognition.py."""
 
 from __future__ import annotations
 
@@ -26,6 +28,10 @@ def main() -> None:
         "distill": {"method": "ekd", "teacher": teacher}, "data": {"train": train}}, RecognitionConfig)
     report = train_recognition(config, out, role="student")
     Path(out, f"rank{rank()}.json").write_text(json.dumps({"steps": report["steps"], "method": report["method"]}))
+    if len(sys.argv) > 4:
+        cached = train_recognition(config, Path(out, "cached"), role="student", teacher_cache=sys.argv[4])
+        Path(out, "cached", f"rank{rank()}.json").write_text(json.dumps({"steps": cached["steps"],
+                                                                         "cache": cached["teacher"]["cache"]}))
 
 
 if __name__ == "__main__":
