@@ -70,15 +70,15 @@ def _read_index(folder: Path) -> dict[str, Any]:
     return index
 
 
-def _values(folder: Path, index: dict[str, Any], mode: str) -> np.memmap:
+def _values(folder: Path, index: dict[str, Any]) -> np.memmap:
+    """The cache's values, memory-mapped read-only."""
     shape = (int(index["images"]), 2, int(index["dim"]))
     path = folder / VALUES_FILE
-    if mode == "r":
-        expected = int(np.prod(shape)) * 2
-        if not path.is_file() or path.stat().st_size != expected:
-            found = path.stat().st_size if path.is_file() else "missing"
-            raise DataError(path, f"teacher cache values should be {expected} bytes ({shape} float16), found {found}")
-    return np.memmap(path, dtype=np.float16, mode=mode, shape=shape)
+    expected = int(np.prod(shape)) * 2
+    if not path.is_file() or path.stat().st_size != expected:
+        found = path.stat().st_size if path.is_file() else "missing"
+        raise DataError(path, f"teacher cache values should be {expected} bytes ({shape} float16), found {found}")
+    return np.memmap(path, dtype=np.float16, mode="r", shape=shape)
 
 
 @dataclass
@@ -140,7 +140,7 @@ def build_teacher_cache(teacher: PathLike, data: PathLike, out: PathLike, *, con
              "images": len(source), "input_size": size, "dim": int(predictor.embedding_size),
              "part_images": part_images}
     total_parts = -(-len(source) // part_images)
-    values = _open_for_build(out, index, overwrite)
+    _open_for_build(out, index, overwrite)
     parts = [p for p in range(total_parts) if shard is None or p % shard.count == shard.index]
     todo = [p for p in parts if not _part_file(out, p).is_file()]
     resumed = len(parts) - len(todo)
@@ -155,21 +155,25 @@ def build_teacher_cache(teacher: PathLike, data: PathLike, out: PathLike, *, con
 
     started = time.perf_counter()
     skipped = done_images = 0
+    row_bytes = 2 * index["dim"] * 2
     with progress.task("embedding training images with the teacher",
-                       sum(min(part_images, len(source) - p * part_images) for p in todo), unit="img") as bar:
+                       sum(min(part_images, len(source) - p * part_images) for p in todo), unit="img") as bar, \
+            open(out / VALUES_FILE, "r+b") as values:
         for part in todo:
-            items = list(range(part * part_images, min(len(source), (part + 1) * part_images)))
+            first = part * part_images
+            items = list(range(first, min(len(source), first + part_images)))
+            rows = np.full((len(items), 2, index["dim"]), np.nan, dtype=np.float16)  # NaN: could not be read
             errors: list[list] = []
             for batch in decode_batches(items, size, choice.batch_size, workers, load=load):
-                for item, reason in batch.errors:
-                    values[item] = np.nan
-                    errors.append([source.name(item), reason])
+                errors += [[source.name(item), reason] for item, reason in batch.errors]
                 if batch.paths:
-                    rows = np.asarray(batch.paths)
-                    values[rows, 0] = predictor.raw(batch.images)
-                    values[rows, 1] = predictor.raw(mirror(batch.images))
+                    at = np.asarray(batch.paths) - first
+                    rows[at, 0] = predictor.raw(batch.images)
+                    rows[at, 1] = predictor.raw(mirror(batch.images))
                 bar.advance(batch.size)
-            values.flush()
+            # the part's own bytes only: processes sharing the cache never write over each other's
+            os.pwrite(values.fileno(), rows.tobytes(), first * row_bytes)
+            os.fsync(values.fileno())
             skipped += len(errors)
             done_images += len(items)
             atomic_write_text(_part_file(out, part), json.dumps({"images": len(items), "errors": errors}) + "\n")
@@ -179,10 +183,10 @@ def build_teacher_cache(teacher: PathLike, data: PathLike, out: PathLike, *, con
                         done_images / seconds if seconds > 0 else 0.0, complete, choice.to_dict())
 
 
-def _open_for_build(out: Path, index: dict[str, Any], overwrite: bool) -> np.memmap:
-    """The values of the cache `out` for writing: created, or an existing one of the same
-    teacher and data reopened (another is removed with `overwrite`, else refused). Processes
-    started together on one cache (`--shard`) agree on which one creates it."""
+def _open_for_build(out: Path, index: dict[str, Any], overwrite: bool) -> None:
+    """Create the cache `out` (index, zero-filled values, parts folder), or check that the one
+    there is of the same teacher and data (another is removed with `overwrite`, else refused).
+    Processes started together on one cache (`--shard`) agree on which one creates it."""
     if not (out / INDEX_FILE).is_file() and (out / VALUES_FILE).is_file():
         _wait_for(out / INDEX_FILE)  # another process is creating it
     if (out / INDEX_FILE).is_file():
@@ -192,7 +196,7 @@ def _open_for_build(out: Path, index: dict[str, Any], overwrite: bool) -> np.mem
         if existing.get("teacher", {}).get("digest") != index["teacher"]["digest"]:
             differing.insert(0, "teacher")
         if not differing:
-            return _values(out, existing, "r+")
+            return
         if not overwrite:
             raise DataError(out, f"holds a teacher cache of another teacher or data ({', '.join(differing)} "
                                  "differ); give another --out, or --overwrite to replace it")
@@ -201,15 +205,15 @@ def _open_for_build(out: Path, index: dict[str, Any], overwrite: bool) -> np.mem
             (out / name).unlink(missing_ok=True)
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(out, "exists and is not a teacher cache; give a new or empty folder")
-    (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     try:
-        with open(out / VALUES_FILE, "xb") as handle:
+        with open(out / VALUES_FILE, "xb") as handle:  # exclusive: one process creates the cache
             handle.truncate(int(index["images"]) * 2 * int(index["dim"]) * 2)
     except FileExistsError:
         _wait_for(out / INDEX_FILE)
         return _open_for_build(out, index, overwrite=False)
+    (out / PARTS_DIR).mkdir(exist_ok=True)
     atomic_write_text(out / INDEX_FILE, json.dumps(index, indent=2) + "\n")
-    return _values(out, index, "r+")
 
 
 def _wait_for(path: Path, seconds: float = 120.0) -> None:
@@ -236,7 +240,7 @@ class TeacherCache(nn.Module):
                                          "missing (run `facekd recognition teacher-cache` again to finish it)")
         self.errors = [tuple(row) for p in range(total_parts)
                        for row in json.loads(_part_file(self.folder, p).read_text(encoding="utf-8"))["errors"]]
-        self.values = _values(self.folder, self.index, "r")
+        self.values = _values(self.folder, self.index)
         self.task, self.arch = "recognition", self.index["teacher"]["arch"]
         self.input_size, self.embedding_size = int(self.index["input_size"]), int(self.index["dim"])
 
