@@ -7,7 +7,6 @@ batch job overlaps decoding with inference and holds O(batch) images whatever it
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 from collections import deque
@@ -177,7 +176,10 @@ def decode_batches(paths: Sequence[Path], size: int | Resize, batch_size: int, w
     batch_size = check_batch_size(batch_size)
     starts = range(0, len(paths), batch_size)
     if load is None:
-        load = functools.partial(load_one, size=geometry, prepare=prepare)
+        load_args = (geometry,) if prepare is None else (geometry, prepare)  # after the path
+
+        def load(path):
+            return load_one(path, *load_args)
     if workers == 0:
         for start in starts:
             batch = paths[start:start + batch_size]
