@@ -10,6 +10,7 @@ then the same distillation (same method, batch, data, schedule) twice through
 `facekd.recognition.train.train_recognition`, once with the live teacher and once from the
 cache. The speed of each is the median of the trainer's own per-step img/s (logged every
 step, data loading included) after `--warmup` steps; the ratio is taken within this one run.
+Everything runs on torch's thread count (OMP_NUM_THREADS), the build included.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             save_model(build_model(teacher_arch, input_size=args.size, embedding_size=512), teacher)
             started = time.perf_counter()
             summary = build_teacher_cache(teacher, data, root / f"{teacher_arch}.cache", backend="torch",
-                                          device=args.device, batch_size=args.batch, progress=quiet)
+                                          device=args.device, threads=torch.get_num_threads(),
+                                          batch_size=args.batch, progress=quiet)
             build_seconds = time.perf_counter() - started
             rates = {}
             for mode in ("live", "cache"):

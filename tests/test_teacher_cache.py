@@ -65,22 +65,23 @@ def test_the_cache_holds_the_teachers_embeddings_of_each_image_and_its_mirror(fa
     model = facekd.load(teacher).model
     source = IdentitySource(faces / "train")
     stored = TeacherCache(cache)
-    assert stored.values.shape == (36, 2, DIM) and stored.values.dtype == np.float16
+    assert stored.directions.shape == (36, 2, DIM) and stored.directions.dtype == np.float16
+    assert stored.norms.shape == (36, 2) and stored.norms.dtype == np.float32
     assert stored.index["data"]["digest"] == source.digest() and stored.arch == "mobilefacenet"
     images = np.stack([resize_to(source.read(i), (SIZE, SIZE)) for i in range(len(source))])
     from facekd.inference.predictors import mirror, torch_outputs
 
     for flip, batch in ((0, images), (1, mirror(images))):
         expected = torch_outputs(model, batch)
-        found = np.asarray(stored.values[:, flip], dtype=np.float32)
+        found = stored.embeddings(flip)
         assert np.abs(found - expected).max() <= FP16_RTOL * np.abs(expected).max()
         assert np.abs(found - expected).max() > 0  # float16, not a copy of the float32 outputs
     # lookup: the rows asked for, mirrored where asked
     samples, flips = torch.tensor([5, 0, 5]), torch.tensor([False, True, True])
     rows = stored.lookup(samples, flips)
     assert rows.dtype == torch.float32
-    assert torch.equal(rows[0], torch.from_numpy(stored.values[5, 0].astype(np.float32)))
-    assert torch.equal(rows[2], torch.from_numpy(stored.values[5, 1].astype(np.float32)))
+    assert torch.equal(rows[0], torch.from_numpy(stored.embeddings(0)[5]))
+    assert torch.equal(rows[2], torch.from_numpy(stored.embeddings(1)[5]))
 
 
 def _batch(faces, transform="flip"):
@@ -164,7 +165,7 @@ def test_distill_cli_reads_the_cache_and_refuses_what_does_not_match(faces, teac
 
 
 def test_sharded_and_interrupted_builds_finish_to_the_same_cache(faces, teacher, cache, tmp_path, monkeypatch):
-    full = TeacherCache(cache).values
+    full = TeacherCache(cache).embeddings(1)
     shared = tmp_path / "shared"
     first = build_teacher_cache(teacher, faces / "train", shared, backend="torch", workers=0, part_images=10,
                                 shard=Shard(0, 2))
@@ -174,7 +175,7 @@ def test_sharded_and_interrupted_builds_finish_to_the_same_cache(faces, teacher,
     second = build_teacher_cache(teacher, faces / "train", shared, backend="torch", workers=0, part_images=10,
                                  shard=Shard(1, 2))
     assert (second.parts, second.complete) == (2, True)
-    assert np.array_equal(TeacherCache(shared).values, full)
+    assert np.array_equal(TeacherCache(shared).embeddings(1), full)
 
     # killed while embedding part 2: parts 0 and 1 are kept, the rerun computes parts 2 and 3 only
     killed = tmp_path / "killed"
@@ -191,7 +192,7 @@ def test_sharded_and_interrupted_builds_finish_to_the_same_cache(faces, teacher,
     monkeypatch.setattr(IdentitySource, "read", read)
     again = build_teacher_cache(teacher, faces / "train", killed, backend="torch", workers=0, part_images=10)
     assert (again.resumed, again.parts, again.complete) == (2, 2, True)
-    assert np.array_equal(TeacherCache(killed).values, full)
+    assert np.array_equal(TeacherCache(killed).embeddings(1), full)
 
     # another teacher's cache in the same folder: refused, or replaced with overwrite
     other = tmp_path / "other.safetensors"
@@ -200,7 +201,7 @@ def test_sharded_and_interrupted_builds_finish_to_the_same_cache(faces, teacher,
         build_teacher_cache(other, faces / "train", killed, backend="torch", workers=0, part_images=10)
     replaced = build_teacher_cache(other, faces / "train", killed, backend="torch", workers=0, part_images=10,
                                    overwrite=True)
-    assert replaced.resumed == 0 and not np.array_equal(TeacherCache(killed).values, full)
+    assert replaced.resumed == 0 and not np.array_equal(TeacherCache(killed).embeddings(1), full)
     with pytest.raises(DataError, match="not a teacher cache"):
         build_teacher_cache(teacher, faces / "train", faces / "train", backend="torch", workers=0)
 
@@ -208,14 +209,14 @@ def test_sharded_and_interrupted_builds_finish_to_the_same_cache(faces, teacher,
 def test_onnx_teacher_recordio_data_and_unreadable_images(faces, teacher, cache, tmp_path):
     from facekd.export import export_onnx
 
-    full = np.asarray(TeacherCache(cache).values, dtype=np.float32)
+    full = TeacherCache(cache).embeddings(0)
     onnx = tmp_path / "teacher.onnx"
     export_onnx(teacher, onnx)
     assert main(["recognition", "teacher-cache", str(onnx), "--data", str(faces / "train" / "train.rec"),
                  "--out", str(tmp_path / "onnx_rec"), "--workers", "2", "-q"]) == 0
     from_onnx = TeacherCache(tmp_path / "onnx_rec")
     assert from_onnx.index["data"]["kind"] == "recordio" and from_onnx.index["teacher"]["arch"] == "mobilefacenet"
-    assert np.abs(np.asarray(from_onnx.values, dtype=np.float32) - full).max() <= 2 * FP16_RTOL * np.abs(full).max()
+    assert np.abs(from_onnx.embeddings(0) - full).max() <= 2 * FP16_RTOL * np.abs(full).max()
     with pytest.raises(DataError, match="other training data"):  # the .rec set is not the folder set
         from_onnx.check(IdentitySource(faces / "train"), SIZE)
     from_onnx.check(IdentitySource(faces / "train" / "train.rec"), SIZE)
@@ -227,11 +228,13 @@ def test_onnx_teacher_recordio_data_and_unreadable_images(faces, teacher, cache,
     summary = build_teacher_cache(teacher, broken, tmp_path / "broken_cache", backend="torch", workers=0)
     assert summary.skipped == 1
     stored = TeacherCache(tmp_path / "broken_cache")
-    assert [name for name, _ in stored.errors] == [str(bad)]
+    assert [name for name, _ in stored.missing.values()] == [str(bad)]
     source = IdentitySource(broken)
     row = [source.name(i) for i in range(len(source))].index(str(bad))
-    assert np.isnan(stored.values[row]).all() and np.isfinite(np.delete(stored.values, row, axis=0)).all()
-    with pytest.raises(DataError, match=f"no teacher embedding of training image {row}"):
+    for array in (stored.directions, stored.norms):
+        assert np.isnan(array[row]).all() and np.isfinite(np.delete(array, row, axis=0)).all()
+    assert list(stored.missing) == [row]
+    with pytest.raises(DataError, match=rf"{bad}: has no teacher embedding in .*broken_cache \(not a supported image"):
         stored.lookup(torch.tensor([0, row]), torch.tensor([False, False]))
     # training skips the unreadable image, as it does without a cache
     config = tiny_recognition_config(faces)
@@ -275,3 +278,28 @@ def test_train_transforms_none_flip_and_flip_shift(faces):
     assert len(shifts) > 5  # the shifts vary from image to image
     with pytest.raises(ConfigError, match="train_transform: expected one of flip, none, flip_shift"):
         RecognitionDataset(source, SIZE, norm, workers=0, transform="crop")
+
+
+def test_embeddings_beyond_float16s_range_and_non_finite_ones(faces, teacher, tmp_path, monkeypatch):
+    from facekd.inference.predictors import BatchPredictor
+
+    raw = BatchPredictor.raw
+
+    def huge_or_inf(self, batch, flip=False):
+        out = raw(self, batch, flip) * 1e6  # far beyond float16's 65504
+        out[:1] = np.inf  # the first image of every batch
+        return out
+
+    monkeypatch.setattr(BatchPredictor, "raw", huge_or_inf)
+    summary = build_teacher_cache(teacher, faces / "train", tmp_path / "huge", backend="torch", workers=0,
+                                  batch_size=16)
+    monkeypatch.setattr(BatchPredictor, "raw", raw)
+    stored = TeacherCache(tmp_path / "huge")
+    source = IdentitySource(faces / "train")
+    assert summary.skipped == 3
+    assert stored.missing == {i: (source.name(i), "the teacher returned a non-finite embedding") for i in (0, 16, 32)}
+    good = np.isfinite(stored.norms).all(axis=1)
+    assert np.flatnonzero(~good).tolist() == [0, 16, 32]
+    reference = TeacherCache(build_teacher_cache(teacher, faces / "train", tmp_path / "plain", backend="torch",
+                                                 workers=0).out)
+    assert np.allclose(stored.embeddings(0)[good], 1e6 * reference.embeddings(0)[good], rtol=FP16_RTOL)

@@ -5,11 +5,13 @@ running the teacher on every step (`facekd recognition distill --teacher-cache`)
 A cache is a folder:
 - `cache.json`: what made it (format, the teacher's hash and input convention, the training
   set's `IdentitySource.digest`, input size, embedding size, part size);
-- `embeddings.f16`: float16 (N, 2, D), memory-mapped: row i holds image i of the set (in
+- `embeddings.f16` and `norms.f32`: float16 (N, 2, D) unit vectors and float32 (N, 2) norms
+  of the teacher's raw embeddings (the product is the embedding; raw embeddings can leave
+  float16's range, directions cannot), memory-mapped: row i holds image i of the set (in
   `IdentitySource` order) as the teacher sees it in training (decoded, resized to its input
   size), then mirrored. Rows of images that could not be read are NaN;
 - `parts/NNNNNN.json`: one per finished part of `part_images` consecutive images, with the
-  images of that part that could not be read. A killed build loses at most the parts it was
+  images of that part it has no embedding of (unreadable, or a non-finite teacher output). A killed build loses at most the parts it was
   working on; running it again computes only the missing ones, and `--shard i/n` lets n
   processes or machines share the parts of one cache (on a shared file system).
 
@@ -20,6 +22,7 @@ other data, another teacher or input size, and `facekd.recognition.train` refuse
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -44,6 +47,7 @@ CACHE_FORMAT = "facekd-teacher-cache"
 CACHE_VERSION = 1
 INDEX_FILE = "cache.json"
 VALUES_FILE = "embeddings.f16"
+NORMS_FILE = "norms.f32"
 PARTS_DIR = "parts"
 DEFAULT_PART_IMAGES = 16384
 
@@ -70,15 +74,23 @@ def _read_index(folder: Path) -> dict[str, Any]:
     return index
 
 
-def _values(folder: Path, index: dict[str, Any]) -> np.memmap:
-    """The cache's values, memory-mapped read-only."""
-    shape = (int(index["images"]), 2, int(index["dim"]))
-    path = folder / VALUES_FILE
-    expected = int(np.prod(shape)) * 2
-    if not path.is_file() or path.stat().st_size != expected:
-        found = path.stat().st_size if path.is_file() else "missing"
-        raise DataError(path, f"teacher cache values should be {expected} bytes ({shape} float16), found {found}")
-    return np.memmap(path, dtype=np.float16, mode="r", shape=shape)
+def _stores(index: dict[str, Any]) -> tuple[tuple[str, np.dtype, tuple[int, ...]], ...]:
+    """(file, dtype, shape per image) of the cache's arrays: directions, then norms."""
+    return ((VALUES_FILE, np.dtype(np.float16), (2, int(index["dim"]))), (NORMS_FILE, np.dtype(np.float32), (2,)))
+
+
+def _read_arrays(folder: Path, index: dict[str, Any]) -> list[np.memmap]:
+    """The cache's arrays, memory-mapped read-only."""
+    arrays = []
+    for name, dtype, shape in _stores(index):
+        shape = (int(index["images"]), *shape)
+        path = folder / name
+        expected = int(np.prod(shape)) * dtype.itemsize
+        if not path.is_file() or path.stat().st_size != expected:
+            found = f"{path.stat().st_size} bytes" if path.is_file() else "missing"
+            raise DataError(path, f"should hold {expected} bytes ({shape} {dtype}) for this teacher cache, found {found}")
+        arrays.append(np.memmap(path, dtype=dtype, mode="r", shape=shape))
+    return arrays
 
 
 @dataclass
@@ -155,25 +167,33 @@ def build_teacher_cache(teacher: PathLike, data: PathLike, out: PathLike, *, con
 
     started = time.perf_counter()
     skipped = done_images = 0
-    row_bytes = 2 * index["dim"] * 2
+    stores = _stores(index)
     with progress.task("embedding training images with the teacher",
                        sum(min(part_images, len(source) - p * part_images) for p in todo), unit="img") as bar, \
-            open(out / VALUES_FILE, "r+b") as values:
+            contextlib.ExitStack() as files:
+        handles = [files.enter_context(open(out / name, "r+b")) for name, _, _ in stores]
         for part in todo:
             first = part * part_images
             items = list(range(first, min(len(source), first + part_images)))
-            rows = np.full((len(items), 2, index["dim"]), np.nan, dtype=np.float16)  # NaN: could not be read
+            raw = np.full((len(items), 2, index["dim"]), np.nan, dtype=np.float32)  # NaN: could not be read
             errors: list[list] = []
             for batch in decode_batches(items, size, choice.batch_size, workers, load=load):
-                errors += [[source.name(item), reason] for item, reason in batch.errors]
+                errors += [[item, source.name(item), reason] for item, reason in batch.errors]
                 if batch.paths:
                     at = np.asarray(batch.paths) - first
-                    rows[at, 0] = predictor.raw(batch.images)
-                    rows[at, 1] = predictor.raw(mirror(batch.images))
+                    raw[at, 0] = predictor.raw(batch.images)
+                    raw[at, 1] = predictor.raw(mirror(batch.images))
+                    for item in at[~np.isfinite(raw[at]).all(axis=(1, 2))]:
+                        raw[item] = np.nan
+                        errors.append([first + int(item), source.name(first + int(item)),
+                                       "the teacher returned a non-finite embedding"])
                 bar.advance(batch.size)
+            norms = np.linalg.norm(raw, axis=2)
+            directions = raw / np.maximum(norms, 1e-12)[..., None]
             # the part's own bytes only: processes sharing the cache never write over each other's
-            os.pwrite(values.fileno(), rows.tobytes(), first * row_bytes)
-            os.fsync(values.fileno())
+            for handle, (_, dtype, shape), array in zip(handles, stores, (directions, norms)):
+                os.pwrite(handle.fileno(), array.astype(dtype).tobytes(), first * int(np.prod(shape)) * dtype.itemsize)
+                os.fsync(handle.fileno())
             skipped += len(errors)
             done_images += len(items)
             atomic_write_text(_part_file(out, part), json.dumps({"images": len(items), "errors": errors}) + "\n")
@@ -201,17 +221,20 @@ def _open_for_build(out: Path, index: dict[str, Any], overwrite: bool) -> None:
             raise DataError(out, f"holds a teacher cache of another teacher or data ({', '.join(differing)} "
                                  "differ); give another --out, or --overwrite to replace it")
         shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
-        for name in (INDEX_FILE, VALUES_FILE):
+        for name in (INDEX_FILE, VALUES_FILE, NORMS_FILE):
             (out / name).unlink(missing_ok=True)
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(out, "exists and is not a teacher cache; give a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     try:
-        with open(out / VALUES_FILE, "xb") as handle:  # exclusive: one process creates the cache
-            handle.truncate(int(index["images"]) * 2 * int(index["dim"]) * 2)
+        with open(out / VALUES_FILE, "xb"):  # exclusive: one process creates the cache
+            pass
     except FileExistsError:
         _wait_for(out / INDEX_FILE)
         return _open_for_build(out, index, overwrite=False)
+    for name, dtype, shape in _stores(index):
+        with open(out / name, "r+b" if name == VALUES_FILE else "wb") as handle:
+            handle.truncate(int(index["images"]) * int(np.prod(shape)) * dtype.itemsize)
     (out / PARTS_DIR).mkdir(exist_ok=True)
     atomic_write_text(out / INDEX_FILE, json.dumps(index, indent=2) + "\n")
 
@@ -238,9 +261,10 @@ class TeacherCache(nn.Module):
         if missing:
             raise DataError(self.folder, f"teacher cache is incomplete: {len(missing)} of {total_parts} parts are "
                                          "missing (run `facekd recognition teacher-cache` again to finish it)")
-        self.errors = [tuple(row) for p in range(total_parts)
-                       for row in json.loads(_part_file(self.folder, p).read_text(encoding="utf-8"))["errors"]]
-        self.values = _values(self.folder, self.index)
+        #: image index → (name, reason) of the images the cache has no embedding of
+        self.missing = {int(row[0]): (row[1], row[2]) for p in range(total_parts)
+                        for row in json.loads(_part_file(self.folder, p).read_text(encoding="utf-8"))["errors"]}
+        self.directions, self.norms = _read_arrays(self.folder, self.index)
         self.task, self.arch = "recognition", self.index["teacher"]["arch"]
         self.input_size, self.embedding_size = int(self.index["input_size"]), int(self.index["dim"])
 
@@ -265,9 +289,14 @@ class TeacherCache(nn.Module):
     def lookup(self, samples: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         """float32 (B, D): the teacher's embeddings of training images `samples` (their
         IdentitySource indices), mirrored where `flips`."""
-        rows = self.values[samples.cpu().numpy(), flips.cpu().numpy().astype(np.int64)]
-        if not np.isfinite(rows).all():
-            bad = int(samples.cpu()[~torch.from_numpy(np.isfinite(rows).all(axis=1))][0])
-            raise DataError(self.folder, f"has no teacher embedding of training image {bad}: it could not be read "
-                                         "when the cache was built")
-        return torch.from_numpy(rows.astype(np.float32)).to(samples.device)
+        at = (samples.cpu().numpy(), flips.cpu().numpy().astype(np.int64))
+        rows = self.directions[at].astype(np.float32) * self.norms[at][:, None]
+        finite = np.isfinite(rows).all(axis=1)
+        if not finite.all():
+            name, reason = self.missing.get(int(at[0][~finite][0]), ("?", "not recorded"))
+            raise DataError(name, f"has no teacher embedding in {self.folder} ({reason})")
+        return torch.from_numpy(rows).to(samples.device)
+
+    def embeddings(self, flip: int) -> np.ndarray:
+        """float32 (N, D): every image's embedding (flip 0), or its mirror's (flip 1)."""
+        return np.asarray(self.directions[:, flip], dtype=np.float32) * self.norms[:, flip, None]
