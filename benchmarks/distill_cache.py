@@ -8,7 +8,8 @@ them) and the student (MobileFaceNet) at 112 px, on synthetic identities: the ca
 (`facekd recognition teacher-cache`: seconds, images per second, each image and its mirror),
 then the same distillation (same method, batch, data, schedule) twice through
 `facekd.recognition.train.train_recognition`, once with the live teacher and once from the
-cache. The speed of each is the median of the trainer's own per-step img/s (logged every
+cache, and the student alone (method none: the bound for distillation from a cache). The
+speed of each is the median of the trainer's own per-step img/s (logged every
 step, data loading included) after `--warmup` steps; the ratio is taken within this one run.
 Everything runs on torch's thread count (OMP_NUM_THREADS), the build included.
 """
@@ -79,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         generate_identities(data, identities=args.identities, images_per_identity=args.images_per_identity,
                             size=args.size, workers=0)
         images = args.identities * args.images_per_identity
+        alone = root / "student-alone"  # the bound for distillation from a cache: the student's own cost
+        config = _config(args.student, args.student, args.size, args.batch, args.steps, "none", args.device,
+                         args.precision, data)
+        train_recognition(config, alone, role="student", progress=quiet)
+        alone_rate = statistics.median(_step_rates(alone)[args.warmup:])
+        print(f"{args.student} alone: {alone_rate:7.1f} img/s", flush=True)
         for teacher_arch in args.teachers.split(","):
             config = _config(args.student, teacher_arch, args.size, args.batch, args.steps, args.method,
                              args.device, args.precision, data)
@@ -98,10 +105,12 @@ def main(argv: list[str] | None = None) -> int:
             row = {"teacher": teacher_arch, "student": args.student, "method": args.method, "batch": args.batch,
                    "input_size": args.size, "device": args.device, "precision": args.precision,
                    "live_images_per_s": rates["live"], "cache_images_per_s": rates["cache"],
-                   "speedup": rates["cache"] / rates["live"],
+                   "speedup": rates["cache"] / rates["live"], "student_alone_images_per_s": alone_rate,
+                   "cache_vs_student_alone": rates["cache"] / alone_rate,
                    "cache_build": {"images": images, "seconds": build_seconds,
                                    "images_per_s": images / build_seconds, "embedding_s": summary.seconds,
-                                   "bytes": os.path.getsize(root / f"{teacher_arch}.cache" / "embeddings.f16")},
+                                   "bytes": sum(f.stat().st_size for f in (root / f"{teacher_arch}.cache").iterdir()
+                                                if f.is_file())},
                    "cache_build_in_live_steps": build_seconds * rates["live"] / args.batch}
             print(f"{teacher_arch:>11s} → {args.student}: live {rates['live']:7.1f} img/s, cache "
                   f"{rates['cache']:7.1f} img/s ({row['speedup']:.2f}×); cache build {build_seconds:.1f} s "

@@ -211,10 +211,8 @@ def _open_for_build(out: Path, index: dict[str, Any], overwrite: bool) -> None:
         _wait_for(out / INDEX_FILE)  # another process is creating it
     if (out / INDEX_FILE).is_file():
         existing = _read_index(out)
-        differing = [key for key in ("data", "images", "input_size", "dim", "part_images")
-                     if existing.get(key) != index[key]]
-        if existing.get("teacher", {}).get("digest") != index["teacher"]["digest"]:
-            differing.insert(0, "teacher")
+        differing = [key for key in ("teacher", "data") if existing.get(key, {}).get("digest") != index[key]["digest"]]
+        differing += [key for key in ("input_size", "dim", "part_images") if existing.get(key) != index[key]]
         if not differing:
             return
         if not overwrite:
