@@ -11,7 +11,8 @@ then the same distillation (same method, batch, data, schedule) twice through
 cache, and the student alone (method none: the bound for distillation from a cache). The
 speed of each is the median of the trainer's own per-step img/s (logged every
 step, data loading included) after `--warmup` steps; the ratio is taken within this one run.
-Everything runs on torch's thread count (OMP_NUM_THREADS), the build included.
+Everything runs on torch's thread count (OMP_NUM_THREADS), the build included. Parity: per
+method, the loss and the student's gradient on one batch with the live teacher and from the cache.
 """
 
 from __future__ import annotations
@@ -44,6 +45,46 @@ def _config(student: str, teacher: str, size: int, batch: int, steps: int, metho
         "student": {"arch": student, "input_size": size, "options": {"embedding_size": 512}},
         "student_train": schedule, "sampler": {"images_per_identity": 4}, "distill": {"method": method},
         "data": {"train": str(data)}}, RecognitionConfig)
+
+
+def parity(teacher: Path, cache: Path, data: Path, student_arch: str, size: int, batch: int) -> dict:
+    """Per method, on one training batch (some images mirrored): the distillation loss with the
+    live teacher and from the cache, and the relative difference of the gradient they give the
+    student (‖g_cache − g_live‖ / ‖g_live − g_margin‖, the distillation term's own gradient)."""
+    import copy
+
+    import torch
+    from torch.utils.data import default_collate
+
+    import facekd
+    from facekd.engine.distributed import _EpochDataset
+    from facekd.losses.distill import build_distill_loss
+    from facekd.losses.margin import MarginSoftmax
+    from facekd.models import build_model
+    from facekd.recognition.data import IdentitySource, RecognitionDataset
+    from facekd.recognition.teacher_cache import TeacherCache
+    from facekd.recognition.train import RecognitionLoss
+
+    live_teacher = facekd.load(teacher).model
+    source = IdentitySource(data)
+    items = _EpochDataset(RecognitionDataset(source, size, live_teacher.normalization, workers=0), 0, 1)
+    images = default_collate([items[i] for i in range(0, len(source), max(1, len(source) // batch))][:batch])
+    torch.manual_seed(0)
+    student = build_model(student_arch, input_size=size, embedding_size=512)
+    head = MarginSoftmax(512, source.num_classes, "arcface")
+    rows = {}
+    for method in ("feature", "rkd", "similarity", "ekd"):
+        results = []
+        for target, weight in ((live_teacher, 1.0), (TeacherCache(cache), 1.0), (TeacherCache(cache), 0.0)):
+            model = copy.deepcopy(student).train()
+            loss_fn = RecognitionLoss(copy.deepcopy(head), target, build_distill_loss(method), weight=weight)
+            loss, metrics = loss_fn(model, images)
+            loss.backward()
+            results.append((float(metrics["distill"]), torch.cat([p.grad.flatten() for p in model.parameters()])))
+        (live, live_grad), (cached, cached_grad), (_, margin_grad) = results
+        rows[method] = {"loss_live": live, "loss_cache": cached, "loss_rel_diff": abs(cached - live) / abs(live),
+                        "grad_rel_diff": float((cached_grad - live_grad).norm() / (live_grad - margin_grad).norm())}
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "bytes": sum(f.stat().st_size for f in (root / f"{teacher_arch}.cache").iterdir()
                                                 if f.is_file())},
                    "cache_build_in_live_steps": build_seconds * rates["live"] / args.batch}
+            row["parity"] = parity(teacher, root / f"{teacher_arch}.cache", data, args.student, args.size, args.batch)
             print(f"{teacher_arch:>11s} → {args.student}: live {rates['live']:7.1f} img/s, cache "
                   f"{rates['cache']:7.1f} img/s ({row['speedup']:.2f}×); cache build {build_seconds:.1f} s "
                   f"({images / build_seconds:.1f} img/s)", flush=True)
