@@ -591,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill = recognition_commands.add_parser("distill", help="train the student with a frozen teacher")
     recognition_config_args(distill)
     distill.add_argument("--teacher", help="teacher model file (default: distill.teacher of the config)")
-    distill.add_argument("--method", choices=("none", "feature", "rkd", "similarity", "ekd"),
+    distill.add_argument("--method", choices=("none", "feature", "rkd", "similarity", "ekd", "ekd+feature"),
                          help="distillation method (default: distill.method of the config)")
     _add_convention(distill, "--teacher")
     distill.set_defaults(func=cmd_recognition_distill)

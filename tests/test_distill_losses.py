@@ -1,6 +1,6 @@
 """Distillation losses for face recognition: values against independent numpy computations,
 no gradient to the teacher, EKD thresholds and their moving averages (paper and bias-corrected),
-top_k as a count or a fraction, and EKD across two processes."""
+top_k as a count or a fraction, ekd+feature, and EKD across two processes."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from facekd.errors import ConfigError
-from facekd.losses.distill import (DISTILL_METHODS, EKDLoss, FeatureDistill, RKDDistill,
+from facekd.losses.distill import (DISTILL_METHODS, EKDFeatureLoss, EKDLoss, FeatureDistill, RKDDistill,
                                    SimilarityPreserving, build_distill_loss, distill_options, ekd_threshold_indices)
 
 JOBS = Path(__file__).parent / "jobs"
@@ -121,6 +121,7 @@ ALL_LOSSES = {
     "rkd": RKDDistill,
     "similarity": SimilarityPreserving,
     "ekd": lambda: EKDLoss(top_k=50),
+    "ekd+feature": lambda: EKDFeatureLoss(feature_weight=0.5, top_k=0.3),
 }
 
 
@@ -447,10 +448,44 @@ def test_ekd_top_k_fraction_takes_the_ceiling_of_the_share_of_negatives():
     assert fraction.item() == pytest.approx(expected, rel=1e-4)
 
 
+def test_ekd_feature_is_ekd_plus_weighted_feature_exactly():
+    options = dict(top_k=0.2, momentum=0.3, temperature=0.05)
+    combined = build_distill_loss("ekd+feature", feature_weight=3.0, metric="cosine", **options).train()
+    ekd, feature = EKDLoss(**options).train(), FeatureDistill("cosine")
+    for step in range(3):
+        student, teacher, labels = clustered_batch(4, 4, 8, 8, seed=80 + step)
+        s1, s2 = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+        loss, metrics = combined(s1, teacher, labels)
+        ekd_loss, ekd_metrics = ekd(s2, teacher, labels)
+        feature_loss, _ = feature(s2, teacher, labels)
+        expected = ekd_loss + 3.0 * feature_loss
+        assert torch.equal(loss, expected)
+        assert torch.equal(metrics["feature"], 3.0 * feature_loss.detach()) and feature_loss.item() > 1e-3
+        assert all(torch.equal(metrics[k], v) for k, v in ekd_metrics.items())
+        assert (metrics["ekd_pos"] + metrics["ekd_neg"] + metrics["feature"]).item() == pytest.approx(loss.item())
+        loss.backward()
+        expected.backward()
+        torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-6, atol=1e-9)
+    assert torch.equal(combined.ekd.student_thresholds, ekd.student_thresholds)
+    assert int(combined.state_dict()["ekd.threshold_updates"]) == 3
+
+
+def test_ekd_feature_rejects_bad_settings_and_different_sizes():
+    with pytest.raises(ConfigError, match=r"ekd\+feature\.feature_weight: must be >= 0"):
+        EKDFeatureLoss(feature_weight=-1.0)
+    with pytest.raises(ConfigError, match=r"feature\.metric"):
+        EKDFeatureLoss(metric="l1")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"ekd\.top_k"):
+        build_distill_loss("ekd+feature", top_k=1.0)
+    student, teacher, labels = clustered_batch(3, 3, 6, 10)
+    with pytest.raises(ConfigError, match="feature: student embedding size 6 differs"):
+        EKDFeatureLoss().train()(student, teacher, labels)
+
+
 # ----------------------------------------------------------------------------- registry
 
 def test_build_distill_loss_by_name():
-    assert DISTILL_METHODS == ("none", "feature", "rkd", "similarity", "ekd")
+    assert DISTILL_METHODS == ("none", "feature", "rkd", "similarity", "ekd", "ekd+feature")
     assert build_distill_loss("none") is None
     feature = build_distill_loss("feature", metric="cosine")
     assert isinstance(feature, FeatureDistill) and feature.metric == "cosine"
@@ -461,11 +496,16 @@ def test_build_distill_loss_by_name():
     assert isinstance(ekd, EKDLoss) and ekd.top_k == 10 and ekd.levels == (1e-1, 1e-2)
     fraction = build_distill_loss("ekd", top_k=0.25, threshold_average="paper")
     assert fraction.top_k == 0.25 and fraction.threshold_average == "paper"
+    both = build_distill_loss("ekd+feature", feature_weight=2.0, metric="cosine", top_k=7)
+    assert isinstance(both, EKDFeatureLoss) and both.feature_weight == 2.0 and both.feature.metric == "cosine"
+    assert both.ekd.top_k == 7 and both.ekd.threshold_average == "bias_corrected"
+    assert distill_options("ekd+feature") == distill_options("ekd") + ("feature_weight", "metric")
     assert "threshold_average" in distill_options("ekd")
 
 
 def test_build_distill_loss_errors_list_the_choices():
-    with pytest.raises(ConfigError, match="distill.method: unknown method 'kd'.*none, feature, rkd, similarity, ekd"):
+    with pytest.raises(ConfigError, match="distill.method: unknown method 'kd'.*none, feature, rkd, similarity, "
+                                          r"ekd, ekd\+feature"):
         build_distill_loss("kd")
     with pytest.raises(ConfigError, match="distill.tau: unknown option for method 'ekd'.*temperature"):
         build_distill_loss("ekd", tau=0.1)
@@ -475,6 +515,17 @@ def test_build_distill_loss_errors_list_the_choices():
         build_distill_loss("rkd", angle_weight=-1)
     with pytest.raises(ConfigError, match="distill.top_k: unknown option for method 'feature'"):
         build_distill_loss("feature", top_k=10)
+
+
+@pytest.mark.parametrize("method", DISTILL_METHODS)
+def test_every_method_is_accepted_by_the_config_and_the_cli(method):
+    from facekd.cli import build_parser
+    from facekd.config import validated
+    from facekd.recognition.config import Distill
+
+    assert validated(Distill, {"method": method}).method == method
+    args = build_parser().parse_args(["recognition", "distill", "c.yaml", "--out", "o", "--method", method])
+    assert args.method == method
 
 
 # ----------------------------------------------------------------------------- ekd across processes

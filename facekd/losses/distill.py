@@ -9,7 +9,8 @@ computed in float32 whatever the autocast precision of the models.
 - `feature`: L2 or cosine distance between the L2-normalised embeddings (needs D == D');
 - `rkd`: Relational KD (Park et al., CVPR 2019), distance and angle relations;
 - `similarity`: Similarity-Preserving KD (Tung & Mori, ICCV 2019);
-- `ekd`: Evaluation-oriented KD (Huang et al., CVPR 2022), across processes on the global batch.
+- `ekd`: Evaluation-oriented KD (Huang et al., CVPR 2022), across processes on the global batch;
+- `ekd+feature`: `ekd` plus `feature_weight` x `feature` (needs D == D').
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from facekd.config import ConfigModel, NonNegative, validated
 from facekd.engine.distributed import all_gather_with_grad
 from facekd.errors import ConfigError
 
-DISTILL_METHODS = ("none", "feature", "rkd", "similarity", "ekd")
+DISTILL_METHODS = ("none", "feature", "rkd", "similarity", "ekd", "ekd+feature")
 FEATURE_METRICS = ("l2", "cosine")
 THRESHOLD_AVERAGES = ("bias_corrected", "paper")
 EKD_LEVELS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
@@ -80,6 +81,10 @@ class _EKDOptions(ConfigModel):
             hint = f" (for a count write {int(top_k)})" if top_k >= 1 and top_k == int(top_k) else ""
             raise ValueError(f"a float is a fraction of the negatives and must lie in (0, 1), got {top_k}{hint}")
         return top_k
+
+
+class _FeatureWeightOptions(ConfigModel):
+    feature_weight: NonNegative
 
 
 def _check_inputs(name: str, student: torch.Tensor, teacher: torch.Tensor,
@@ -381,6 +386,32 @@ class EKDLoss(nn.Module):
         return pos_term + neg_term, metrics
 
 
+class EKDFeatureLoss(nn.Module):
+    """`ekd` + feature_weight x `feature`: EKD's pair relations (on the global batch) plus
+    pointwise matching of the L2-normalised embeddings (on the local batch; needs D == D').
+
+    `ekd_options` are EKDLoss's; its buffers live under `ekd.`. Metrics: EKD's, and
+    `feature` (the weighted feature term; ekd_pos + ekd_neg + feature = the loss).
+    """
+
+    def __init__(self, feature_weight: float = 1.0, metric: Literal["l2", "cosine"] = "l2", **ekd_options: Any):
+        super().__init__()
+        self.feature_weight = validated(_FeatureWeightOptions, {"feature_weight": feature_weight},
+                                        "ekd+feature").feature_weight
+        self.ekd = EKDLoss(**ekd_options)
+        self.feature = FeatureDistill(metric)
+
+    def extra_repr(self) -> str:
+        return f"feature_weight={self.feature_weight}"
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        ekd, metrics = self.ekd(student, teacher, labels)
+        feature, _ = self.feature(student, teacher, labels)
+        feature = self.feature_weight * feature
+        return ekd + feature, {**metrics, "feature": feature.detach()}
+
+
 # ----------------------------------------------------------------------------- registry
 
 _LOSSES: dict[str, tuple[type[nn.Module], tuple[type[ConfigModel], ...]]] = {
@@ -388,6 +419,7 @@ _LOSSES: dict[str, tuple[type[nn.Module], tuple[type[ConfigModel], ...]]] = {
     "rkd": (RKDDistill, (_RKDOptions,)),
     "similarity": (SimilarityPreserving, ()),
     "ekd": (EKDLoss, (_EKDOptions,)),
+    "ekd+feature": (EKDFeatureLoss, (_EKDOptions, _FeatureWeightOptions, _FeatureOptions)),
 }
 
 

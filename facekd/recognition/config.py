@@ -49,11 +49,11 @@ class Sampler(ConfigModel):
 
 class Distill(ConfigModel):
     """Distillation of `facekd recognition distill`: `method` one of none, feature, rkd,
-    similarity, ekd; total loss = margin softmax + `weight` × distillation loss; `options`
+    similarity, ekd, ekd+feature; total loss = margin softmax + `weight` × distillation loss; `options`
     go to the method (e.g. {metric: cosine} for feature, {top_k: 2000} for ekd); `teacher` a
     recognition model file (or give --teacher)."""
 
-    method: Literal["none", "feature", "rkd", "similarity", "ekd"] = "ekd"
+    method: Literal["none", "feature", "rkd", "similarity", "ekd", "ekd+feature"] = "ekd"
     weight: NonNegative = 1.0
     options: dict[str, Any] = {}
     teacher: Optional[ExistingPath] = None
