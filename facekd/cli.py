@@ -612,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill = recognition_commands.add_parser("distill", help="train the student with a frozen teacher")
     recognition_config_args(distill)
     distill.add_argument("--teacher", help="teacher model file (default: distill.teacher of the config)")
-    distill.add_argument("--method", choices=("none", "feature", "rkd", "similarity", "ekd"),
+    distill.add_argument("--method", choices=("none", "feature", "rkd", "similarity", "ekd", "ekd+feature"),
                          help="distillation method (default: distill.method of the config)")
     distill.add_argument("--teacher-cache", metavar="CACHE",
                          help="read the teacher's embeddings from this cache (`recognition teacher-cache`) "

@@ -1,5 +1,6 @@
 """Distillation losses for face recognition: values against independent numpy computations,
-no gradient to the teacher, EKD thresholds and their moving average, and EKD across two processes."""
+no gradient to the teacher, EKD thresholds and their moving averages (paper and bias-corrected),
+top_k as a count or a fraction, ekd+feature, and EKD across two processes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +20,8 @@ import torch.distributed as dist
 from torch import nn
 
 from facekd.errors import ConfigError
-from facekd.losses.distill import (DISTILL_METHODS, EKDLoss, FeatureDistill, RKDDistill, SimilarityPreserving,
-                                   build_distill_loss, ekd_threshold_indices)
+from facekd.losses.distill import (DISTILL_METHODS, EKDFeatureLoss, EKDLoss, FeatureDistill, RKDDistill,
+                                   SimilarityPreserving, build_distill_loss, distill_options, ekd_threshold_indices)
 
 JOBS = Path(__file__).parent / "jobs"
 LEVELS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
@@ -119,6 +121,7 @@ ALL_LOSSES = {
     "rkd": RKDDistill,
     "similarity": SimilarityPreserving,
     "ekd": lambda: EKDLoss(top_k=50),
+    "ekd+feature": lambda: EKDFeatureLoss(feature_weight=0.5, top_k=0.3),
 }
 
 
@@ -254,9 +257,9 @@ def test_ekd_matches_numpy_and_gives_student_gradients():
     assert s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
 
 
-def test_ekd_thresholds_are_negative_quantiles_then_a_moving_average():
+def test_ekd_paper_thresholds_are_negative_quantiles_then_a_moving_average():
     levels = (1e-1, 1e-2, 1e-3)
-    loss_fn = EKDLoss(levels=[1e-3, 1e-1, 1e-2], momentum=0.25).train()  # unsorted on purpose
+    loss_fn = EKDLoss(levels=[1e-3, 1e-1, 1e-2], momentum=0.25, threshold_average="paper").train()  # unsorted
     assert loss_fn.levels == levels
     student, teacher, labels = clustered_batch(5, 4, 8, 10, seed=1)  # 20 samples: 190 pairs, 160 negatives
     _, metrics = loss_fn(student, teacher, labels)
@@ -286,11 +289,11 @@ def test_ekd_thresholds_are_negative_quantiles_then_a_moving_average():
 def test_ekd_buffers_are_checkpointed_and_eval_mode_leaves_them():
     loss_fn = EKDLoss().train()
     state = loss_fn.state_dict()
-    assert {"student_thresholds", "teacher_thresholds", "thresholds_initialized"} <= set(state)
+    assert {"student_thresholds", "teacher_thresholds", "threshold_updates"} <= set(state)
     for seed in range(2):
         loss_fn(*clustered_batch(4, 4, 8, 8, seed=seed))
     saved = {k: v.clone() for k, v in loss_fn.state_dict().items()}
-    assert bool(saved["thresholds_initialized"])
+    assert int(saved["threshold_updates"]) == 2
 
     restored = EKDLoss()
     restored.load_state_dict(saved)
@@ -307,7 +310,7 @@ def test_ekd_buffers_are_checkpointed_and_eval_mode_leaves_them():
     # a fresh loss in eval mode uses the batch's thresholds without storing them
     fresh = EKDLoss().eval()
     _, metrics = fresh(*batch)
-    assert not bool(fresh.thresholds_initialized) and fresh.student_thresholds.abs().sum() == 0
+    assert int(fresh.threshold_updates) == 0 and fresh.student_thresholds.abs().sum() == 0
     sim_s, pos = np_pairs(batch[0].numpy(), batch[2].numpy())
     assert metrics["ekd_thr_student"].item() == pytest.approx(sim_s[~pos].max(), abs=1e-6)
 
@@ -325,26 +328,164 @@ def test_ekd_uses_all_negatives_when_fewer_than_top_k_and_handles_one_identity()
     s = torch.randn(4, 6, requires_grad=True)
     loss, metrics = one(s, torch.randn(4, 6), torch.zeros(4, dtype=torch.long))
     loss.backward()
-    assert metrics["ekd_neg"].item() == 0.0 and not bool(one.thresholds_initialized)
+    assert metrics["ekd_neg"].item() == 0.0 and int(one.threshold_updates) == 0
     assert torch.isfinite(s.grad).all()
 
 
 @pytest.mark.parametrize("options, field", [
     ({"levels": [0.1, 1.0]}, "ekd.levels"), ({"levels": []}, "ekd.levels"), ({"levels": [0.1, 0.1]}, "ekd.levels"),
     ({"levels": ["1e-3"]}, "ekd.levels"), ({"levels": 0.1}, "ekd.levels"), ({"temperature": 0}, "ekd.temperature"),
-    ({"top_k": 0}, "ekd.top_k"), ({"top_k": 2.5}, "ekd.top_k"), ({"positive_weight": -1}, "ekd.positive_weight"),
+    ({"top_k": 0}, "ekd.top_k: a count must be >= 1"), ({"top_k": -5}, "ekd.top_k: a count must be >= 1"),
+    ({"top_k": 2.5}, "ekd.top_k: a float is a fraction"), ({"top_k": 0.0}, "ekd.top_k: a float is a fraction"),
+    ({"top_k": -0.5}, "ekd.top_k: a float is a fraction"), ({"top_k": float("nan")}, "ekd.top_k"),
+    ({"top_k": 1.0}, "ekd.top_k: a float is a fraction of the negatives and must lie in (0, 1), got 1.0 "
+                     "(for a count write 1)"),
+    ({"top_k": 2000.0}, "got 2000.0 (for a count write 2000)"),
+    ({"top_k": True}, "ekd.top_k: expected an int"), ({"top_k": "0.5"}, "ekd.top_k: expected an int"),
+    ({"positive_weight": -1}, "ekd.positive_weight"),
     ({"negative_weight": float("nan")}, "ekd.negative_weight"), ({"momentum": 0}, "ekd.momentum"),
-    ({"momentum": 1.5}, "ekd.momentum"),
+    ({"momentum": 1.5}, "ekd.momentum"), ({"threshold_average": "adam"}, "ekd.threshold_average"),
 ])
 def test_ekd_rejects_bad_settings(options, field):
-    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(field)):
         EKDLoss(**options)
+
+
+def np_ema(batches: list[np.ndarray], momentum: float) -> np.ndarray:
+    """Adam's bias-corrected moving average, in closed form: sum_i m (1-m)^(t-i) x_i / (1 - (1-m)^t)."""
+    t = len(batches)
+    weights = np.array([momentum * (1 - momentum) ** (t - i) for i in range(1, t + 1)])
+    return (weights[:, None] * np.stack(batches)).sum(axis=0) / (1 - (1 - momentum) ** t)
+
+
+def test_ekd_bias_corrected_thresholds_equal_the_closed_form():
+    levels = (1e-1, 1e-2)
+    loss_fn = EKDLoss(levels=levels, momentum=0.1).train()  # the default threshold_average
+    assert loss_fn.threshold_average == "bias_corrected"
+    seen_s, seen_t = [], []
+    for step in range(6):
+        student, teacher, labels = clustered_batch(5, 4, 8, 10, seed=20 + step)
+        sim_s, pos = np_pairs(student.numpy(), labels.numpy())
+        sim_t, _ = np_pairs(teacher.numpy(), labels.numpy())
+        seen_s.append(np_thresholds(sim_s[~pos], levels))
+        seen_t.append(np_thresholds(sim_t[~pos], levels))
+        loss, _ = loss_fn(student, teacher, labels)
+        expected_s, expected_t = np_ema(seen_s, 0.1), np_ema(seen_t, 0.1)
+        np.testing.assert_allclose(loss_fn.student_thresholds.numpy(), expected_s, atol=1e-6)
+        np.testing.assert_allclose(loss_fn.teacher_thresholds.numpy(), expected_t, atol=1e-6)
+        assert int(loss_fn.threshold_updates) == step + 1
+        assert loss.item() == pytest.approx(np_ekd(student.numpy(), teacher.numpy(), labels.numpy(), expected_s,
+                                                   expected_t), rel=1e-4)
+    # after 6 updates with momentum 0.1 the weights are within a factor 0.9^5 ≈ 0.6 of each other;
+    # the paper's average would still give the first batch 0.9^5 ≈ 0.59 of the weight
+    paper = (0.9 ** 5) * seen_s[0] + sum(0.1 * 0.9 ** (5 - i) * seen_s[i] for i in range(1, 6))
+    assert np.abs(paper - loss_fn.student_thresholds.numpy()).max() > 1e-3
+
+
+def test_ekd_paper_preset_is_the_previous_update_bit_for_bit():
+    """threshold_average 'paper': the batch value at the first update, then thr <- (1-m) thr + m x,
+    with the very tensor operations of the code before bias correction existed."""
+    loss_fn = EKDLoss(threshold_average="paper").train()
+    reference_s = reference_t = None
+    for step in range(4):
+        student, teacher, labels = clustered_batch(6, 4, 8, 10, seed=40 + step)
+        _, metrics = loss_fn(student, teacher, labels)
+        s, t = (torch.nn.functional.normalize(x, dim=1, eps=1e-12) for x in (student, teacher))
+        rows, cols = torch.triu_indices(len(labels), len(labels), offset=1)
+        negative = labels[rows] != labels[cols]
+        batch_s = loss_fn.batch_thresholds((s @ s.t())[rows, cols][negative])
+        batch_t = loss_fn.batch_thresholds((t @ t.t())[rows, cols][negative])
+        if reference_s is None:
+            reference_s, reference_t = batch_s.clone(), batch_t.clone()
+        else:
+            reference_s.mul_(1.0 - 0.01).add_(batch_s, alpha=0.01)
+            reference_t.mul_(1.0 - 0.01).add_(batch_t, alpha=0.01)
+        assert torch.equal(loss_fn.student_thresholds, reference_s)
+        assert torch.equal(loss_fn.teacher_thresholds, reference_t)
+        assert metrics["ekd_thr_student"].item() == reference_s[2].item()
+
+
+@pytest.mark.parametrize("threshold_average", ["bias_corrected", "paper"])
+def test_ekd_state_dict_round_trip_continues_identically(threshold_average):
+    options = dict(momentum=0.2, top_k=0.25, threshold_average=threshold_average)
+    batches = [clustered_batch(5, 4, 8, 10, seed=60 + step) for step in range(5)]
+    original = EKDLoss(**options).train()
+    for batch in batches[:3]:
+        original(*batch)
+    restored = EKDLoss(**options).train()
+    restored.load_state_dict(original.state_dict())
+    assert int(restored.threshold_updates) == 3
+    # the same thresholds without the update count would continue differently (bias-corrected)
+    forgetful = EKDLoss(**options).train()
+    forgetful.load_state_dict({**original.state_dict(), "threshold_updates": torch.tensor(1)})
+    for batch in batches[3:]:
+        loss_a, metrics_a = original(*batch)
+        loss_b, metrics_b = restored(*batch)
+        loss_c, _ = forgetful(*batch)
+        assert torch.equal(loss_a, loss_b) and metrics_a.keys() == metrics_b.keys()
+        assert all(torch.equal(metrics_a[k], metrics_b[k]) for k in metrics_a)
+        for key, value in original.state_dict().items():
+            assert torch.equal(value, restored.state_dict()[key]), key
+    assert int(original.threshold_updates) == 5
+    assert (loss_c.item() != loss_a.item()) == (threshold_average == "bias_corrected")
+
+
+def test_ekd_top_k_fraction_takes_the_ceiling_of_the_share_of_negatives():
+    student, teacher, labels = clustered_batch(4, 6, 8, 12, seed=5)  # 216 negatives
+    assert EKDLoss(top_k=0.1).num_hardest(216) == 22  # ceil(21.6)
+    assert EKDLoss(top_k=0.1).num_hardest(30) == 3  # 0.1 * 30 is 3.0000000000000004 in floats: still 3
+    assert EKDLoss(top_k=0.5).num_hardest(3) == 2 and EKDLoss(top_k=1e-9).num_hardest(216) == 1
+    assert EKDLoss(top_k=0.999).num_hardest(216) == 216 and EKDLoss(top_k=3).num_hardest(216) == 3
+    assert EKDLoss(top_k=5000).num_hardest(216) == 216
+    fraction, _ = EKDLoss(top_k=0.1, temperature=0.05).train()(student, teacher, labels)
+    count, _ = EKDLoss(top_k=22, temperature=0.05).train()(student, teacher, labels)
+    fewer, _ = EKDLoss(top_k=21, temperature=0.05).train()(student, teacher, labels)
+    assert torch.equal(fraction, count) and fewer.item() != count.item()
+    sim_s, pos = np_pairs(student.numpy(), labels.numpy())
+    sim_t, _ = np_pairs(teacher.numpy(), labels.numpy())
+    expected = np_ekd(student.numpy(), teacher.numpy(), labels.numpy(), np_thresholds(sim_s[~pos]),
+                      np_thresholds(sim_t[~pos]), temperature=0.05, top_k=22)
+    assert fraction.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_ekd_feature_is_ekd_plus_weighted_feature_exactly():
+    options = dict(top_k=0.2, momentum=0.3, temperature=0.05)
+    combined = build_distill_loss("ekd+feature", feature_weight=3.0, metric="cosine", **options).train()
+    ekd, feature = EKDLoss(**options).train(), FeatureDistill("cosine")
+    for step in range(3):
+        student, teacher, labels = clustered_batch(4, 4, 8, 8, seed=80 + step)
+        s1, s2 = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+        loss, metrics = combined(s1, teacher, labels)
+        ekd_loss, ekd_metrics = ekd(s2, teacher, labels)
+        feature_loss, _ = feature(s2, teacher, labels)
+        expected = ekd_loss + 3.0 * feature_loss
+        assert torch.equal(loss, expected)
+        assert torch.equal(metrics["feature"], 3.0 * feature_loss.detach()) and feature_loss.item() > 1e-3
+        assert all(torch.equal(metrics[k], v) for k, v in ekd_metrics.items())
+        assert (metrics["ekd_pos"] + metrics["ekd_neg"] + metrics["feature"]).item() == pytest.approx(loss.item())
+        loss.backward()
+        expected.backward()
+        torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-6, atol=1e-9)
+    assert torch.equal(combined.ekd.student_thresholds, ekd.student_thresholds)
+    assert int(combined.state_dict()["ekd.threshold_updates"]) == 3
+
+
+def test_ekd_feature_rejects_bad_settings_and_different_sizes():
+    with pytest.raises(ConfigError, match=r"ekd\+feature\.feature_weight: must be >= 0"):
+        EKDFeatureLoss(feature_weight=-1.0)
+    with pytest.raises(ConfigError, match=r"feature\.metric"):
+        EKDFeatureLoss(metric="l1")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"ekd\.top_k"):
+        build_distill_loss("ekd+feature", top_k=1.0)
+    student, teacher, labels = clustered_batch(3, 3, 6, 10)
+    with pytest.raises(ConfigError, match="feature: student embedding size 6 differs"):
+        EKDFeatureLoss().train()(student, teacher, labels)
 
 
 # ----------------------------------------------------------------------------- registry
 
 def test_build_distill_loss_by_name():
-    assert DISTILL_METHODS == ("none", "feature", "rkd", "similarity", "ekd")
+    assert DISTILL_METHODS == ("none", "feature", "rkd", "similarity", "ekd", "ekd+feature")
     assert build_distill_loss("none") is None
     feature = build_distill_loss("feature", metric="cosine")
     assert isinstance(feature, FeatureDistill) and feature.metric == "cosine"
@@ -353,10 +494,18 @@ def test_build_distill_loss_by_name():
     assert isinstance(build_distill_loss("similarity"), SimilarityPreserving)
     ekd = build_distill_loss("ekd", top_k=10, levels=[1e-2, 1e-1])
     assert isinstance(ekd, EKDLoss) and ekd.top_k == 10 and ekd.levels == (1e-1, 1e-2)
+    fraction = build_distill_loss("ekd", top_k=0.25, threshold_average="paper")
+    assert fraction.top_k == 0.25 and fraction.threshold_average == "paper"
+    both = build_distill_loss("ekd+feature", feature_weight=2.0, metric="cosine", top_k=7)
+    assert isinstance(both, EKDFeatureLoss) and both.feature_weight == 2.0 and both.feature.metric == "cosine"
+    assert both.ekd.top_k == 7 and both.ekd.threshold_average == "bias_corrected"
+    assert distill_options("ekd+feature") == distill_options("ekd") + ("feature_weight", "metric")
+    assert "threshold_average" in distill_options("ekd")
 
 
 def test_build_distill_loss_errors_list_the_choices():
-    with pytest.raises(ConfigError, match="distill.method: unknown method 'kd'.*none, feature, rkd, similarity, ekd"):
+    with pytest.raises(ConfigError, match="distill.method: unknown method 'kd'.*none, feature, rkd, similarity, "
+                                          r"ekd, ekd\+feature"):
         build_distill_loss("kd")
     with pytest.raises(ConfigError, match="distill.tau: unknown option for method 'ekd'.*temperature"):
         build_distill_loss("ekd", tau=0.1)
@@ -364,6 +513,19 @@ def test_build_distill_loss_errors_list_the_choices():
         build_distill_loss("none", metric="l2")
     with pytest.raises(ConfigError, match="rkd.angle_weight"):
         build_distill_loss("rkd", angle_weight=-1)
+    with pytest.raises(ConfigError, match="distill.top_k: unknown option for method 'feature'"):
+        build_distill_loss("feature", top_k=10)
+
+
+@pytest.mark.parametrize("method", DISTILL_METHODS)
+def test_every_method_is_accepted_by_the_config_and_the_cli(method):
+    from facekd.cli import build_parser
+    from facekd.config import validated
+    from facekd.recognition.config import Distill
+
+    assert validated(Distill, {"method": method}).method == method
+    args = build_parser().parse_args(["recognition", "distill", "c.yaml", "--out", "o", "--method", method])
+    assert args.method == method
 
 
 # ----------------------------------------------------------------------------- ekd across processes

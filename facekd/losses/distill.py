@@ -9,13 +9,14 @@ computed in float32 whatever the autocast precision of the models.
 - `feature`: L2 or cosine distance between the L2-normalised embeddings (needs D == D');
 - `rkd`: Relational KD (Park et al., CVPR 2019), distance and angle relations;
 - `similarity`: Similarity-Preserving KD (Tung & Mori, ICCV 2019);
-- `ekd`: Evaluation-oriented KD (Huang et al., CVPR 2022), across processes on the global batch.
+- `ekd`: Evaluation-oriented KD (Huang et al., CVPR 2022), across processes on the global batch;
+- `ekd+feature`: `ekd` plus `feature_weight` x `feature` (needs D == D').
 """
 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Iterable, Literal
+from typing import Annotated, Any, Iterable, Literal, Union
 
 import torch
 import torch.distributed as dist
@@ -27,8 +28,9 @@ from facekd.config import ConfigModel, NonNegative, validated
 from facekd.engine.distributed import all_gather_with_grad
 from facekd.errors import ConfigError
 
-DISTILL_METHODS = ("none", "feature", "rkd", "similarity", "ekd")
+DISTILL_METHODS = ("none", "feature", "rkd", "similarity", "ekd", "ekd+feature")
 FEATURE_METRICS = ("l2", "cosine")
+THRESHOLD_AVERAGES = ("bias_corrected", "paper")
 EKD_LEVELS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 EKD_LOGGED_LEVEL = 1e-3
 _NORM_EPS = 1e-12
@@ -50,10 +52,11 @@ class _RKDOptions(ConfigModel):
 class _EKDOptions(ConfigModel):
     levels: Annotated[tuple[Annotated[float, Field(gt=0, lt=1)], ...], Field(strict=False)]
     temperature: float = Field(gt=0)
-    top_k: int = Field(ge=1)
+    top_k: Union[int, float]
     positive_weight: NonNegative
     negative_weight: NonNegative
     momentum: float = Field(gt=0, le=1)
+    threshold_average: Literal[THRESHOLD_AVERAGES]
 
     @field_validator("levels")
     @classmethod
@@ -64,6 +67,24 @@ class _EKDOptions(ConfigModel):
         if len(set(levels)) != len(levels):
             raise ValueError(f"must be distinct, got {list(levels)}")
         return tuple(sorted(levels, reverse=True))
+
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _count_or_fraction(cls, top_k: Any) -> int | float:
+        """An int >= 1 is a count of negatives, a float in (0, 1) a fraction of them."""
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, float)):
+            raise ValueError(f"expected an int (a count) or a float in (0, 1) (a fraction), got {top_k!r}")
+        if isinstance(top_k, int):
+            if top_k < 1:
+                raise ValueError(f"a count must be >= 1, got {top_k}")
+        elif not 0 < top_k < 1:
+            hint = f" (for a count write {int(top_k)})" if top_k >= 1 and top_k == int(top_k) else ""
+            raise ValueError(f"a float is a fraction of the negatives and must lie in (0, 1), got {top_k}{hint}")
+        return top_k
+
+
+class _FeatureWeightOptions(ConfigModel):
+    feature_weight: NonNegative
 
 
 def _check_inputs(name: str, student: torch.Tensor, teacher: torch.Tensor,
@@ -233,20 +254,29 @@ class EKDLoss(nn.Module):
        largest negative: a level means something only when N_neg >= 1 / level. With P
        identities x K images in a global batch of B = P*K, N_neg = B(B-1)/2 - P*K(K-1)/2,
        so level 1e-6 needs N_neg >= 1e6, i.e. B of about 1415 or more; 1e-3 needs B >= 46 or so;
-    4. thresholds are smoothed across steps by a moving average kept in buffers (checkpointed):
-       thr = (1 - momentum) * thr + momentum * batch_thr, momentum being the weight of the
-       new batch (0.01 in the paper). The first update takes the batch value (the paper's code
-       starts from zeros instead, a warm-up bias this avoids). Buffers change only in training
-       mode, under no_grad, and before the loss uses them (as in the paper's code). In eval
-       mode the stored thresholds are used, or the batch's if none were stored yet;
+    4. thresholds are smoothed across steps by a moving average kept in buffers (checkpointed,
+       with the number of updates t): thr = (1 - m_t) * thr + m_t * batch_thr, momentum being
+       the weight of the new batch (0.01 in the paper). `threshold_average`:
+       - 'bias_corrected' (default): m_t = momentum / (1 - (1 - momentum)^t), i.e. thr is
+         Adam's bias-corrected average, a zero-started EMA divided by 1 - (1 - momentum)^t:
+         sum_i momentum (1 - momentum)^(t-i) batch_thr_i / (1 - (1 - momentum)^t). Early
+         batches do not outweigh later ones, so a run much shorter than 1 / momentum steps
+         follows the moving thresholds (about the mean of the last min(t, 1 / momentum) batches);
+       - 'paper': m_t = momentum, the first update taking the batch value (the paper's code
+         starts from zeros instead, a warm-up bias this avoids): the first batch keeps a weight
+         (1 - momentum)^(t-1), made for runs of ~1e5 steps.
+       Both take the first batch's value at t = 1. Buffers change only in training mode, under
+       no_grad, and before the loss uses them (as in the paper's code). In eval mode the stored
+       thresholds are used, or the batch's if none were stored yet;
     5. soft rank r(s) = sum over levels of sigmoid((s - thr_level) / temperature), students'
        similarities against the student thresholds, teachers' against the teacher's
        (the paper's code clamps the sigmoid's argument to [-50, 50]; `torch.sigmoid` is
        stable without it);
     6. loss = positive_weight * MSE(r_s, r_t) over all positive pairs + negative_weight *
        MSE over the top_k negatives with the largest STUDENT similarity (all of them when
-       there are fewer). MSE is a mean, as in the paper's code. An empty set of positives
-       (or negatives) contributes 0; without negatives the thresholds are not updated.
+       there are fewer; `top_k`: an int is a count, a float f in (0, 1) means
+       ceil(f * N_neg) of them). MSE is a mean, as in the paper's code. An empty set of
+       positives (or negatives) contributes 0; without negatives the thresholds are not updated.
 
     Gradient: thresholds carry none. Each rank's gathered copy sends its gradient back to the
     owning rank, summed over ranks (see `all_gather_with_grad`), so a rank's raw gradient is
@@ -256,25 +286,39 @@ class EKDLoss(nn.Module):
     Memory is O(B^2) in the global batch.
     """
 
-    def __init__(self, levels: Iterable[float] = EKD_LEVELS, temperature: float = 0.01, top_k: int = 2000,
-                 positive_weight: float = 0.02, negative_weight: float = 0.01, momentum: float = 0.01):
+    def __init__(self, levels: Iterable[float] = EKD_LEVELS, temperature: float = 0.01, top_k: int | float = 2000,
+                 positive_weight: float = 0.02, negative_weight: float = 0.01, momentum: float = 0.01,
+                 threshold_average: Literal["bias_corrected", "paper"] = "bias_corrected"):
         super().__init__()
-        options = validated(_EKDOptions, {"levels": levels, "temperature": temperature, "top_k": top_k,
-                                          "positive_weight": positive_weight, "negative_weight": negative_weight,
-                                          "momentum": momentum}, "ekd")
+        self.options = options = validated(_EKDOptions, {
+            "levels": levels, "temperature": temperature, "top_k": top_k, "positive_weight": positive_weight,
+            "negative_weight": negative_weight, "momentum": momentum, "threshold_average": threshold_average}, "ekd")
         self.levels, self.temperature, self.top_k = options.levels, options.temperature, options.top_k
         self.positive_weight, self.negative_weight = options.positive_weight, options.negative_weight
-        self.momentum = options.momentum
+        self.momentum, self.threshold_average = options.momentum, options.threshold_average
         logged = [i for i, level in enumerate(self.levels) if math.isclose(level, EKD_LOGGED_LEVEL)]
         self._logged_level = logged[0] if logged else None
         self.register_buffer("student_thresholds", torch.zeros(len(self.levels)))
         self.register_buffer("teacher_thresholds", torch.zeros(len(self.levels)))
-        self.register_buffer("thresholds_initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
 
     def extra_repr(self) -> str:
-        return (f"levels={self.levels}, temperature={self.temperature}, top_k={self.top_k}, "
-                f"positive_weight={self.positive_weight}, negative_weight={self.negative_weight}, "
-                f"momentum={self.momentum}")
+        return ", ".join(f"{key}={value!r}" for key, value in self.options.model_dump().items())
+
+    def update_momentum(self, t: int) -> float:
+        """Weight of the new batch in the t-th threshold update (t >= 1)."""
+        if t == 1:
+            return 1.0
+        if self.threshold_average == "paper":
+            return self.momentum
+        return self.momentum / (1.0 - (1.0 - self.momentum) ** t)
+
+    def num_hardest(self, num_negatives: int) -> int:
+        """How many of `num_negatives` negatives the negative term uses (`top_k`: count or fraction)."""
+        if isinstance(self.top_k, float):
+            # the tiny relative slack makes e.g. 0.1 * 30 count as 3, not 3.0000000000000004 -> 4
+            return min(num_negatives, math.ceil(self.top_k * num_negatives * (1.0 - 1e-9)))
+        return min(num_negatives, self.top_k)
 
     @torch.no_grad()
     def batch_thresholds(self, negatives: torch.Tensor) -> torch.Tensor:
@@ -290,16 +334,15 @@ class EKDLoss(nn.Module):
             return self.student_thresholds.clone(), self.teacher_thresholds.clone()
         batch_s, batch_t = self.batch_thresholds(neg_s), self.batch_thresholds(neg_t)
         if self.training:
-            if bool(self.thresholds_initialized):
-                self.student_thresholds.mul_(1.0 - self.momentum).add_(batch_s.to(self.student_thresholds),
-                                                                        alpha=self.momentum)
-                self.teacher_thresholds.mul_(1.0 - self.momentum).add_(batch_t.to(self.teacher_thresholds),
-                                                                        alpha=self.momentum)
-            else:
+            self.threshold_updates.add_(1)
+            m = self.update_momentum(int(self.threshold_updates))
+            if m == 1.0:
                 self.student_thresholds.copy_(batch_s)
                 self.teacher_thresholds.copy_(batch_t)
-                self.thresholds_initialized.fill_(True)
-        elif not bool(self.thresholds_initialized):
+            else:
+                self.student_thresholds.mul_(1.0 - m).add_(batch_s.to(self.student_thresholds), alpha=m)
+                self.teacher_thresholds.mul_(1.0 - m).add_(batch_t.to(self.teacher_thresholds), alpha=m)
+        elif int(self.threshold_updates) == 0:
             return batch_s, batch_t
         return self.student_thresholds.clone(), self.teacher_thresholds.clone()
 
@@ -332,7 +375,7 @@ class EKDLoss(nn.Module):
         thr_s, thr_t = self._thresholds(neg_s, neg_t)
 
         pos_term = self._rank_mse(sim_s[positive], sim_t[positive], thr_s, thr_t, student)
-        hardest = torch.topk(neg_s.detach(), k=min(self.top_k, neg_s.numel())).indices
+        hardest = torch.topk(neg_s.detach(), k=self.num_hardest(neg_s.numel())).indices
         neg_term = self._rank_mse(neg_s[hardest], neg_t[hardest], thr_s, thr_t, student)
         pos_term = self.positive_weight * pos_term
         neg_term = self.negative_weight * neg_term
@@ -343,13 +386,40 @@ class EKDLoss(nn.Module):
         return pos_term + neg_term, metrics
 
 
+class EKDFeatureLoss(nn.Module):
+    """`ekd` + feature_weight x `feature`: EKD's pair relations (on the global batch) plus
+    pointwise matching of the L2-normalised embeddings (on the local batch; needs D == D').
+
+    `ekd_options` are EKDLoss's; its buffers live under `ekd.`. Metrics: EKD's, and
+    `feature` (the weighted feature term; ekd_pos + ekd_neg + feature = the loss).
+    """
+
+    def __init__(self, feature_weight: float = 1.0, metric: Literal["l2", "cosine"] = "l2", **ekd_options: Any):
+        super().__init__()
+        self.feature_weight = validated(_FeatureWeightOptions, {"feature_weight": feature_weight},
+                                        "ekd+feature").feature_weight
+        self.ekd = EKDLoss(**ekd_options)
+        self.feature = FeatureDistill(metric)
+
+    def extra_repr(self) -> str:
+        return f"feature_weight={self.feature_weight}"
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        ekd, metrics = self.ekd(student, teacher, labels)
+        feature, _ = self.feature(student, teacher, labels)
+        feature = self.feature_weight * feature
+        return ekd + feature, {**metrics, "feature": feature.detach()}
+
+
 # ----------------------------------------------------------------------------- registry
 
-_LOSSES: dict[str, tuple[type[nn.Module], type[ConfigModel] | None]] = {
-    "feature": (FeatureDistill, _FeatureOptions),
-    "rkd": (RKDDistill, _RKDOptions),
-    "similarity": (SimilarityPreserving, None),
-    "ekd": (EKDLoss, _EKDOptions),
+_LOSSES: dict[str, tuple[type[nn.Module], tuple[type[ConfigModel], ...]]] = {
+    "feature": (FeatureDistill, (_FeatureOptions,)),
+    "rkd": (RKDDistill, (_RKDOptions,)),
+    "similarity": (SimilarityPreserving, ()),
+    "ekd": (EKDLoss, (_EKDOptions,)),
+    "ekd+feature": (EKDFeatureLoss, (_EKDOptions, _FeatureWeightOptions, _FeatureOptions)),
 }
 
 
@@ -359,8 +429,7 @@ def distill_options(method: str) -> tuple[str, ...]:
         return ()
     if not isinstance(method, str) or method not in _LOSSES:
         raise ConfigError(f"distill.method: unknown method {method!r}; choose one of {', '.join(DISTILL_METHODS)}")
-    options = _LOSSES[method][1]
-    return tuple(options.model_fields) if options else ()
+    return tuple(name for options in _LOSSES[method][1] for name in options.model_fields)
 
 
 def build_distill_loss(method: str, **options: Any) -> nn.Module | None:

@@ -49,13 +49,13 @@ class Sampler(ConfigModel):
 
 class Distill(ConfigModel):
     """Distillation of `facekd recognition distill`: `method` one of none, feature, rkd,
-    similarity, ekd; total loss = margin softmax + `weight` × distillation loss; `options`
+    similarity, ekd, ekd+feature; total loss = margin softmax + `weight` × distillation loss; `options`
     go to the method (e.g. {metric: cosine} for feature, {top_k: 2000} for ekd); `teacher` a
     recognition model file (or give --teacher); `teacher_cache` a cache of its embeddings of
     the training set (`facekd recognition teacher-cache`; or give --teacher-cache), read
     instead of running the teacher."""
 
-    method: Literal["none", "feature", "rkd", "similarity", "ekd"] = "ekd"
+    method: Literal["none", "feature", "rkd", "similarity", "ekd", "ekd+feature"] = "ekd"
     weight: NonNegative = 1.0
     options: dict[str, Any] = {}
     teacher: Optional[ExistingPath] = None
