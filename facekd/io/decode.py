@@ -23,7 +23,7 @@ from facekd.io.formats import absolute
 from facekd.io.images import Resize, read_image
 from facekd.progress import Progress
 
-__all__ = ["DecodedBatch", "Prepare", "check_batch_size", "check_geometry", "check_workers", "decode_batches",
+__all__ = ["DecodedBatch", "Prepare", "attempt", "check_batch_size", "check_geometry", "check_workers", "decode_batches",
            "default_workers", "load_images", "load_one", "map_ordered"]
 
 PathLike = str | os.PathLike
@@ -62,14 +62,24 @@ def check_geometry(size: object) -> Resize:
 Prepare = Callable[[Path, np.ndarray], np.ndarray]
 
 
+def attempt(load: Callable[..., np.ndarray], *args) -> np.ndarray | str:
+    """`load(*args)`, or the reason it failed when it raises a FacekdError (a DataError's reason,
+    without the path: the caller lists it beside the item)."""
+    try:
+        return load(*args)
+    except FacekdError as error:
+        return error.reason if isinstance(error, DataError) else str(error)
+
+
+def _load_file(path: PathLike, size: int | Resize, prepare: Prepare | None) -> np.ndarray:
+    image = read_image(path)
+    return check_geometry(size)(image if prepare is None else prepare(Path(path), image))
+
+
 def load_one(path: PathLike, size: int | Resize, prepare: Prepare | None = None) -> np.ndarray | str:
     """`path` decoded to RGB uint8 at the model's input (`size`: a side length to stretch to,
     or a `Resize`), after `prepare` when given, or the reason it cannot be."""
-    try:
-        image = read_image(path)
-        return check_geometry(size)(image if prepare is None else prepare(Path(path), image))
-    except FacekdError as error:
-        return error.reason if isinstance(error, DataError) else str(error)
+    return attempt(_load_file, path, size, prepare)
 
 
 def map_ordered(function: Callable, items: Sequence, workers: int) -> Iterable:

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from facekd.engine.distributed import derive_seed
-from facekd.errors import ConfigError, DataError, FacekdError
+from facekd.errors import ConfigError, DataError
 from facekd.inference.predictors import check_normalization, preprocess
 from facekd.io.formats import absolute, file_digest, read_identity_folder
 from facekd.io.images import decode_image, read_image, resize_to
@@ -130,13 +130,10 @@ class RecognitionDataset(Dataset):
         return resize_to(self.source.read(index), (self.input_size, self.input_size))
 
     def _decode_all(self, progress: Progress, workers: int) -> None:
-        from facekd.io.decode import map_ordered
+        from facekd.io.decode import attempt, map_ordered
 
         def load(index: int):
-            try:
-                return self._load(index)
-            except FacekdError as error:
-                return error.reason if isinstance(error, DataError) else str(error)
+            return attempt(self._load, index)
 
         images = np.empty((len(self.source), self.input_size, self.input_size, 3), dtype=np.uint8)
         kept: list[int] = []

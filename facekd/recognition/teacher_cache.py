@@ -11,9 +11,10 @@ A cache is a folder:
   `IdentitySource` order) as the teacher sees it in training (decoded, resized to its input
   size), then mirrored. Rows of images that could not be read are NaN;
 - `parts/NNNNNN.json`: one per finished part of `part_images` consecutive images, with the
-  images of that part it has no embedding of (unreadable, or a non-finite teacher output). A killed build loses at most the parts it was
-  working on; running it again computes only the missing ones, and `--shard i/n` lets n
-  processes or machines share the parts of one cache (on a shared file system).
+  images of that part it has no embedding of (unreadable, or a non-finite teacher output).
+  A killed build loses at most the parts it was working on; running it again computes only
+  the missing ones, and `--shard i/n` lets n processes or machines share the parts of one
+  cache (on a shared file system).
 
 With flip as the only augmentation the distillation loss from the cache equals the live
 teacher's up to float16 rounding of the targets; `TeacherCache.check` refuses a cache made for
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from facekd import __version__
-from facekd.errors import ConfigError, DataError, FacekdError
+from facekd.errors import ConfigError, DataError
 from facekd.io.atomic import atomic_write_text
 from facekd.progress import Progress
 
@@ -54,6 +55,12 @@ DEFAULT_PART_IMAGES = 16384
 
 def _part_file(folder: Path, part: int) -> Path:
     return folder / PARTS_DIR / f"{part:06d}.json"
+
+
+def _missing_parts(folder: Path, index: dict[str, Any]) -> list[int]:
+    """The parts of the cache `folder` not finished yet (of ceil(images / part_images))."""
+    total = -(-int(index["images"]) // int(index["part_images"]))
+    return [p for p in range(total) if not _part_file(folder, p).is_file()]
 
 
 def _read_index(folder: Path) -> dict[str, Any]:
@@ -127,7 +134,7 @@ def build_teacher_cache(teacher: PathLike, data: PathLike, out: PathLike, *, con
     from facekd.inference import open_model
     from facekd.inference.conventions import model_fingerprint
     from facekd.inference.predictors import mirror
-    from facekd.io.decode import check_batch_size, decode_batches
+    from facekd.io.decode import attempt, check_batch_size, decode_batches
     from facekd.io.images import resize_to
     from facekd.recognition.data import IdentitySource
 
@@ -160,10 +167,7 @@ def build_teacher_cache(teacher: PathLike, data: PathLike, out: PathLike, *, con
         progress.log(f"{out}: {resumed} of {len(parts)} parts already done")
 
     def load(item: int) -> np.ndarray | str:
-        try:
-            return resize_to(source.read(item), (size, size))
-        except FacekdError as error:
-            return error.reason if isinstance(error, DataError) else str(error)
+        return attempt(lambda: resize_to(source.read(item), (size, size)))
 
     started = time.perf_counter()
     skipped = done_images = 0
@@ -198,7 +202,7 @@ def build_teacher_cache(teacher: PathLike, data: PathLike, out: PathLike, *, con
             done_images += len(items)
             atomic_write_text(_part_file(out, part), json.dumps({"images": len(items), "errors": errors}) + "\n")
     seconds = time.perf_counter() - started
-    complete = all(_part_file(out, p).is_file() for p in range(total_parts))
+    complete = not _missing_parts(out, index)
     return CacheSummary(out, len(source), index["dim"], len(todo), resumed, total_parts, skipped, seconds,
                         done_images / seconds if seconds > 0 else 0.0, complete, choice.to_dict())
 
@@ -255,7 +259,7 @@ class TeacherCache(nn.Module):
         self.folder = Path(folder)
         self.index = _read_index(self.folder)
         total_parts = -(-int(self.index["images"]) // int(self.index["part_images"]))
-        missing = [p for p in range(total_parts) if not _part_file(self.folder, p).is_file()]
+        missing = _missing_parts(self.folder, self.index)
         if missing:
             raise DataError(self.folder, f"teacher cache is incomplete: {len(missing)} of {total_parts} parts are "
                                          "missing (run `facekd recognition teacher-cache` again to finish it)")
