@@ -9,7 +9,8 @@ computed in float32 whatever the autocast precision of the models.
 - `feature`: L2 or cosine distance between the L2-normalised embeddings (needs D == D');
 - `rkd`: Relational KD (Park et al., CVPR 2019), distance and angle relations;
 - `similarity`: Similarity-Preserving KD (Tung & Mori, ICCV 2019);
-- `ekd`: Evaluation-oriented KD (Huang et al., CVPR 2022), across processes on the global batch;
+- `ekd`: Evaluation-oriented KD (Huang et al., CVPR 2022), across processes on the global batch,
+  optionally with a cross-batch memory of past embeddings (facekd's extension: `memory`);
 - `ekd+feature`: `ekd` plus `feature_weight` x `feature` (needs D == D').
 """
 
@@ -34,6 +35,7 @@ THRESHOLD_AVERAGES = ("bias_corrected", "paper")
 EKD_LEVELS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 EKD_LOGGED_LEVEL = 1e-3
 _NORM_EPS = 1e-12
+_MEMORY_BUFFERS = ("memory_student", "memory_teacher", "memory_labels")
 
 Metrics = dict[str, torch.Tensor]
 
@@ -57,6 +59,7 @@ class _EKDOptions(ConfigModel):
     negative_weight: NonNegative
     momentum: float = Field(gt=0, le=1)
     threshold_average: Literal[THRESHOLD_AVERAGES]
+    memory: int = Field(ge=0)
 
     @field_validator("levels")
     @classmethod
@@ -276,23 +279,35 @@ class EKDLoss(nn.Module):
        MSE over the top_k negatives with the largest STUDENT similarity (all of them when
        there are fewer; `top_k`: an int is a count, a float f in (0, 1) means
        ceil(f * N_neg) of them). MSE is a mean, as in the paper's code. An empty set of
-       positives (or negatives) contributes 0; without negatives the thresholds are not updated.
+       positives (or negatives) contributes 0; without negatives the thresholds are not updated;
+    7. cross-batch memory (`memory` M > 0; facekd's extension, not in the paper or TFace, after
+       Wang et al.'s XBM, CVPR 2020): a FIFO of the last M global-batch entries (student
+       embedding, detached; teacher embedding; label), all L2-normalised and identical on every
+       rank. The current batch's pairs with the memory's entries of OTHER identities are
+       negatives that join steps 3 and 6 (the thresholds and the hard-negative set; the
+       memory's side carries no gradient), so N_neg grows from about B^2/2 to B^2/2 + B*M and
+       low FPR levels mean something with a small batch (B 128 with M 8192: over 1e6
+       negatives, 1e-6). Pairs with the memory's entries of the same identity are not used.
+       The batch is queued after its loss, in training mode only; the memory is in the buffers
+       (checkpointed) and starts empty, so M = 0 is plain EKD exactly.
 
     Gradient: thresholds carry none. Each rank's gathered copy sends its gradient back to the
     owning rank, summed over ranks (see `all_gather_with_grad`), so a rank's raw gradient is
     world_size times the single-process full-batch gradient; DDP's averaging makes it exact.
     Metrics: ekd_pos and ekd_neg (the weighted terms, summing to the loss) and, when 1e-3 is a
-    level, ekd_thr_student / ekd_thr_teacher (the smoothed thresholds at FPR 1e-3).
-    Memory is O(B^2) in the global batch.
+    level, ekd_thr_student / ekd_thr_teacher (the smoothed thresholds at FPR 1e-3); with a
+    memory, ekd_memory (its entries used this step). Compute and memory are O(B^2 + B*M) in
+    the global batch B.
     """
 
     def __init__(self, levels: Iterable[float] = EKD_LEVELS, temperature: float = 0.01, top_k: int | float = 2000,
                  positive_weight: float = 0.02, negative_weight: float = 0.01, momentum: float = 0.01,
-                 threshold_average: Literal["bias_corrected", "paper"] = "bias_corrected"):
+                 threshold_average: Literal["bias_corrected", "paper"] = "bias_corrected", memory: int = 0):
         super().__init__()
         self.options = options = validated(_EKDOptions, {
             "levels": levels, "temperature": temperature, "top_k": top_k, "positive_weight": positive_weight,
-            "negative_weight": negative_weight, "momentum": momentum, "threshold_average": threshold_average}, "ekd")
+            "negative_weight": negative_weight, "momentum": momentum, "threshold_average": threshold_average,
+            "memory": memory}, "ekd")
         self.levels, self.temperature, self.top_k = options.levels, options.temperature, options.top_k
         self.positive_weight, self.negative_weight = options.positive_weight, options.negative_weight
         self.momentum, self.threshold_average = options.momentum, options.threshold_average
@@ -301,6 +316,44 @@ class EKDLoss(nn.Module):
         self.register_buffer("student_thresholds", torch.zeros(len(self.levels)))
         self.register_buffer("teacher_thresholds", torch.zeros(len(self.levels)))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
+        self.memory = options.memory
+        if self.memory:  # sized by the first batch (or by a loaded state): entries oldest first
+            self.register_buffer("memory_student", torch.zeros(0, 0))
+            self.register_buffer("memory_teacher", torch.zeros(0, 0))
+            self.register_buffer("memory_labels", torch.zeros(0, dtype=torch.long))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the memory's buffers take the saved shapes (its fill and the embedding sizes)
+        for name in _MEMORY_BUFFERS if self.memory else ():
+            saved = state_dict.get(prefix + name)
+            if saved is not None:
+                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def memory_entries(self) -> int:
+        """Entries in the cross-batch memory now (0 without one)."""
+        return self.memory_labels.numel() if self.memory else 0
+
+    @torch.no_grad()
+    def _enqueue(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> None:
+        """Append the batch's unit embeddings and labels, keeping the newest `memory` entries."""
+        def keep(name: str, new: torch.Tensor) -> None:
+            old = getattr(self, name)
+            setattr(self, name, (torch.cat([old, new]) if old.numel() else new)[-self.memory:].clone())
+
+        keep("memory_student", student.detach().float())
+        keep("memory_teacher", teacher.detach().float())
+        keep("memory_labels", labels.detach().long())
+
+    def _memory_negatives(self, s: torch.Tensor, t: torch.Tensor,
+                          labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Similarities of the batch (unit s, t) with the memory's entries of other identities,
+        student (with gradient on the batch side) and teacher, flattened batch-row-major."""
+        other = labels.unsqueeze(1) != self.memory_labels.to(labels.device).unsqueeze(0)
+        cross_s = s @ self.memory_student.to(s).t()
+        cross_t = t @ self.memory_teacher.to(t).t()
+        return cross_s[other], cross_t[other]
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.options.model_dump().items())
@@ -372,6 +425,9 @@ class EKDLoss(nn.Module):
         sim_t = (t @ t.t())[rows, cols]
         positive = labels[rows] == labels[cols]
         neg_s, neg_t = sim_s[~positive], sim_t[~positive]
+        if self.memory_entries:
+            memory_s, memory_t = self._memory_negatives(s, t, labels)
+            neg_s, neg_t = torch.cat([neg_s, memory_s]), torch.cat([neg_t, memory_t])
         thr_s, thr_t = self._thresholds(neg_s, neg_t)
 
         pos_term = self._rank_mse(sim_s[positive], sim_t[positive], thr_s, thr_t, student)
@@ -383,6 +439,10 @@ class EKDLoss(nn.Module):
         if self._logged_level is not None:
             metrics["ekd_thr_student"] = thr_s[self._logged_level].detach().clone()
             metrics["ekd_thr_teacher"] = thr_t[self._logged_level].detach().clone()
+        if self.memory:
+            metrics["ekd_memory"] = torch.tensor(float(self.memory_entries), device=s.device)
+            if self.training:
+                self._enqueue(s, t, labels)
         return pos_term + neg_term, metrics
 
 
