@@ -346,14 +346,32 @@ class EKDLoss(nn.Module):
         keep("memory_teacher", teacher.detach().float())
         keep("memory_labels", labels.detach().long())
 
-    def _memory_negatives(self, s: torch.Tensor, t: torch.Tensor,
-                          labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Similarities of the batch (unit s, t) with the memory's entries of other identities,
-        student (with gradient on the batch side) and teacher, flattened batch-row-major."""
-        other = labels.unsqueeze(1) != self.memory_labels.to(labels.device).unsqueeze(0)
-        cross_s = s @ self.memory_student.to(s).t()
-        cross_t = t @ self.memory_teacher.to(t).t()
-        return cross_s[other], cross_t[other]
+    @torch.no_grad()
+    def _negative_pool(self, neg_s: torch.Tensor, neg_t: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
+                       labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Every negative's similarity, detached: the batch's (`neg_s`, `neg_t`) then the batch's
+        (unit s, t) with the memory's entries, batch-row-major, those of the same identity -inf
+        (they sort last); and the number of real negatives."""
+        if not self.memory_entries:
+            return neg_s.detach(), neg_t, neg_s.numel()
+        same = labels.unsqueeze(1) == self.memory_labels.to(labels.device).unsqueeze(0)
+        cross_s = (s.detach() @ self.memory_student.to(s).t()).masked_fill_(same, -math.inf)
+        cross_t = (t @ self.memory_teacher.to(t).t()).masked_fill_(same, -math.inf)
+        count = neg_s.numel() + same.numel() - int(same.sum())
+        return torch.cat([neg_s.detach(), cross_s.flatten()]), torch.cat([neg_t, cross_t.flatten()]), count
+
+    def _hard_negatives(self, chosen: torch.Tensor, neg_s: torch.Tensor, pool_t: torch.Tensor,
+                        s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student (with gradient) and teacher similarities of the pool's negatives at `chosen`,
+        the batch's first: the memory's are recomputed from the chosen pairs only, so the
+        gradient never spans the whole (B, M) block."""
+        if not self.memory_entries:
+            return neg_s[chosen], pool_t[chosen]
+        from_batch, from_memory = chosen[chosen < neg_s.numel()], chosen[chosen >= neg_s.numel()]
+        offset = from_memory - neg_s.numel()  # into the (B, M) block, row-major
+        row, col = offset // self.memory_entries, offset % self.memory_entries
+        memory = (s[row] * self.memory_student.to(s)[col]).sum(dim=1)  # gradient on the batch's side only
+        return torch.cat([neg_s[from_batch], memory]), pool_t[torch.cat([from_batch, from_memory])]
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.options.model_dump().items())
@@ -374,18 +392,19 @@ class EKDLoss(nn.Module):
         return min(num_negatives, self.top_k)
 
     @torch.no_grad()
-    def batch_thresholds(self, negatives: torch.Tensor) -> torch.Tensor:
-        """This batch's threshold per level (in `self.levels` order) from 1-D negative similarities."""
-        indices = ekd_threshold_indices(negatives.numel(), self.levels)
+    def batch_thresholds(self, negatives: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """This batch's threshold per level (in `self.levels` order) from 1-D negative similarities,
+        of which `count` (all by default) are real and the rest -inf."""
+        indices = ekd_threshold_indices(negatives.numel() if count is None else count, self.levels)
         top = torch.topk(negatives.detach(), k=max(indices) + 1, sorted=True).values
         return top[torch.tensor(indices, device=top.device)]
 
     @torch.no_grad()
-    def _thresholds(self, neg_s: torch.Tensor, neg_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _thresholds(self, neg_s: torch.Tensor, neg_t: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Student and teacher thresholds to use this step, updating the buffers in training mode."""
-        if neg_s.numel() == 0:
+        if count == 0:
             return self.student_thresholds.clone(), self.teacher_thresholds.clone()
-        batch_s, batch_t = self.batch_thresholds(neg_s), self.batch_thresholds(neg_t)
+        batch_s, batch_t = self.batch_thresholds(neg_s, count), self.batch_thresholds(neg_t, count)
         if self.training:
             self.threshold_updates.add_(1)
             m = self.update_momentum(int(self.threshold_updates))
@@ -424,15 +443,13 @@ class EKDLoss(nn.Module):
         sim_s = (s @ s.t())[rows, cols]
         sim_t = (t @ t.t())[rows, cols]
         positive = labels[rows] == labels[cols]
-        neg_s, neg_t = sim_s[~positive], sim_t[~positive]
-        if self.memory_entries:
-            memory_s, memory_t = self._memory_negatives(s, t, labels)
-            neg_s, neg_t = torch.cat([neg_s, memory_s]), torch.cat([neg_t, memory_t])
-        thr_s, thr_t = self._thresholds(neg_s, neg_t)
+        neg_s = sim_s[~positive]
+        pool_s, pool_t, count = self._negative_pool(neg_s, sim_t[~positive], s, t, labels)
+        thr_s, thr_t = self._thresholds(pool_s, pool_t, count)
 
         pos_term = self._rank_mse(sim_s[positive], sim_t[positive], thr_s, thr_t, student)
-        hardest = torch.topk(neg_s.detach(), k=self.num_hardest(neg_s.numel())).indices
-        neg_term = self._rank_mse(neg_s[hardest], neg_t[hardest], thr_s, thr_t, student)
+        hardest = torch.topk(pool_s, k=self.num_hardest(count)).indices
+        neg_term = self._rank_mse(*self._hard_negatives(hardest, neg_s, pool_t, s), thr_s, thr_t, student)
         pos_term = self.positive_weight * pos_term
         neg_term = self.negative_weight * neg_term
         metrics = {"ekd_pos": pos_term.detach(), "ekd_neg": neg_term.detach()}
