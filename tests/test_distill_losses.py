@@ -91,7 +91,9 @@ def np_thresholds(negatives: np.ndarray, levels=LEVELS) -> np.ndarray:
     return np.array([ordered[len(ordered) // round(1 / level)] for level in levels])
 
 
-def np_ekd(student, teacher, labels, thr_s, thr_t, temperature=0.01, top_k=2000, pw=0.02, nw=0.01) -> float:
+def np_ekd(student, teacher, labels, thr_s, thr_t, temperature=0.01, top_k=2000, pw=0.02, nw=0.01,
+           extra_negatives=None) -> float:
+    """EKD by the paper's formulas; `extra_negatives` (student, teacher similarities) join the batch's."""
     sim_s, pos = np_pairs(student, labels)
     sim_t, _ = np_pairs(teacher, labels)
 
@@ -100,6 +102,8 @@ def np_ekd(student, teacher, labels, thr_s, thr_t, temperature=0.01, top_k=2000,
 
     pos_term = np.mean((rank(sim_s[pos], thr_s) - rank(sim_t[pos], thr_t)) ** 2) if pos.any() else 0.0
     neg_s, neg_t = sim_s[~pos], sim_t[~pos]
+    if extra_negatives is not None:
+        neg_s, neg_t = np.concatenate([neg_s, extra_negatives[0]]), np.concatenate([neg_t, extra_negatives[1]])
     hard = np.argsort(-neg_s, kind="stable")[:top_k]
     neg_term = np.mean((rank(neg_s[hard], thr_s) - rank(neg_t[hard], thr_t)) ** 2)
     return pw * pos_term + nw * neg_term
@@ -345,6 +349,7 @@ def test_ekd_uses_all_negatives_when_fewer_than_top_k_and_handles_one_identity()
     ({"positive_weight": -1}, "ekd.positive_weight"),
     ({"negative_weight": float("nan")}, "ekd.negative_weight"), ({"momentum": 0}, "ekd.momentum"),
     ({"momentum": 1.5}, "ekd.momentum"), ({"threshold_average": "adam"}, "ekd.threshold_average"),
+    ({"memory": -1}, "ekd.memory"), ({"memory": 2.5}, "ekd.memory"), ({"memory": True}, "ekd.memory"),
 ])
 def test_ekd_rejects_bad_settings(options, field):
     with pytest.raises(ConfigError, match=re.escape(field)):
@@ -448,6 +453,113 @@ def test_ekd_top_k_fraction_takes_the_ceiling_of_the_share_of_negatives():
     assert fraction.item() == pytest.approx(expected, rel=1e-4)
 
 
+# ----------------------------------------------------------------------------- ekd cross-batch memory
+
+def test_ekd_memory_zero_is_plain_ekd_exactly():
+    options = dict(top_k=30, momentum=0.3, temperature=0.05)
+    plain, zero, filling = EKDLoss(**options).train(), EKDLoss(memory=0, **options).train(), \
+        EKDLoss(memory=64, **options).train()
+    assert "memory_student" not in zero.state_dict() and zero.state_dict().keys() == plain.state_dict().keys()
+    for step in range(3):
+        student, teacher, labels = clustered_batch(4, 4, 8, 10, seed=70 + step)
+        grads, losses = [], []
+        for loss_fn in (plain, zero, filling):
+            s = student.clone().requires_grad_(True)
+            loss, metrics = loss_fn(s, teacher, labels)
+            loss.backward()
+            losses.append(loss)
+            grads.append(s.grad)
+        assert torch.equal(losses[0], losses[1]) and torch.equal(grads[0], grads[1])
+        assert torch.equal(plain.student_thresholds, zero.student_thresholds)
+        # a memory starts empty: its first step is plain EKD too, and then it differs
+        assert torch.equal(losses[0], losses[2]) == (step == 0)
+        assert metrics["ekd_memory"].item() == min(64, 16 * step)
+
+
+def _unit(x: torch.Tensor) -> np.ndarray:
+    return np_unit(x.numpy())
+
+
+def test_ekd_memory_negatives_join_the_thresholds_and_the_hard_negatives():
+    """After two batches into a memory of 24 (FIFO: the last 24 of 32 entries), a third batch's
+    thresholds are the direct quantiles of its own negatives plus its pairs with the memory's
+    entries of other identities, and the loss is EKD's on that union."""
+    batches = [clustered_batch(4, 4, 8, 10, seed=80 + step) for step in range(3)]
+    batches[1][2].add_(2)  # identities 2..5: 2 and 3 recur in the third batch (labels 0..3), 4 and 5 do not
+    loss_fn = EKDLoss(memory=24, momentum=1.0, top_k=150, temperature=0.05).train()  # momentum 1: batch thresholds
+    for batch in batches[:2]:
+        loss_fn(*batch)
+    assert loss_fn.memory_entries == 24
+    queued = lambda i: torch.cat([batches[0][i], batches[1][i]])[-24:]  # noqa: E731
+    np.testing.assert_allclose(loss_fn.memory_student.numpy(), _unit(queued(0)), atol=1e-6)
+    np.testing.assert_allclose(loss_fn.memory_teacher.numpy(), _unit(queued(1)), atol=1e-6)
+    assert torch.equal(loss_fn.memory_labels, queued(2))
+
+    student, teacher, labels = batches[2]
+    s = student.clone().requires_grad_(True)
+    loss, metrics = loss_fn(s, teacher, labels)
+    loss.backward()
+    other = labels.numpy()[:, None] != queued(2).numpy()[None, :]
+    cross_s = (_unit(student) @ _unit(queued(0)).T)[other]
+    cross_t = (_unit(teacher) @ _unit(queued(1)).T)[other]
+    sim_s, pos = np_pairs(student.numpy(), labels.numpy())
+    sim_t, _ = np_pairs(teacher.numpy(), labels.numpy())
+    # the memory: batch 0's last 8 (labels 2, 3) and batch 1 (2..5): 4 x 8 same-identity pairs each for 2 and 3
+    assert other.sum() == 16 * 24 - 2 * 4 * 8 and (~pos).sum() == 96
+    thr_s = np_thresholds(np.concatenate([sim_s[~pos], cross_s]))
+    thr_t = np_thresholds(np.concatenate([sim_t[~pos], cross_t]))
+    np.testing.assert_allclose(loss_fn.student_thresholds.numpy(), thr_s, atol=1e-6)
+    np.testing.assert_allclose(loss_fn.teacher_thresholds.numpy(), thr_t, atol=1e-6)
+    assert not np.allclose(thr_s, np_thresholds(sim_s[~pos]))  # the memory changed them
+    expected = np_ekd(student.numpy(), teacher.numpy(), labels.numpy(), thr_s, thr_t, temperature=0.05,
+                      top_k=150, extra_negatives=(cross_s, cross_t))
+    assert loss.item() == pytest.approx(expected, rel=1e-4) and expected > 1e-4
+    assert metrics["ekd_memory"].item() == 24
+
+    def numeric(x: np.ndarray) -> float:  # the same loss of a moved student batch (memory and thresholds fixed)
+        cross = (np_unit(x) @ _unit(queued(0)).T)[other]
+        return np_ekd(x, teacher.numpy(), labels.numpy(), thr_s, thr_t, temperature=0.05, top_k=150,
+                      extra_negatives=(cross, cross_t))
+
+    base, step, gradient = student.numpy().astype(np.float64), 1e-6, np.zeros(tuple(student.shape))
+    for index in np.ndindex(*base.shape):
+        up, down = base.copy(), base.copy()
+        up[index] += step
+        down[index] -= step
+        gradient[index] = (numeric(up) - numeric(down)) / (2 * step)
+    np.testing.assert_allclose(s.grad.numpy(), gradient, atol=2e-3 * np.abs(gradient).max())
+    assert not loss_fn.memory_student.requires_grad  # the memory's side carries no gradient
+    # the third batch is now queued (FIFO), and eval mode leaves the memory as it is
+    assert torch.equal(loss_fn.memory_labels, torch.cat([queued(2), labels])[-24:])
+    before = loss_fn.state_dict()
+    loss_fn.eval()(*batches[0])
+    assert all(torch.equal(v, loss_fn.state_dict()[k]) for k, v in before.items())
+
+
+def test_ekd_memory_is_checkpointed_and_resumes_exactly():
+    options = dict(memory=40, top_k=0.2, momentum=0.2)
+    batches = [clustered_batch(4, 4, 8, 10, seed=90 + step) for step in range(6)]
+    original = EKDLoss(**options).train()
+    for batch in batches[:3]:
+        original(*batch)
+    state = original.state_dict()
+    assert state["memory_student"].shape == (40, 8) and state["memory_teacher"].shape == (40, 10)
+    restored = EKDLoss(**options).train()  # a fresh loss, as a resumed run builds it: sized by the state
+    restored.load_state_dict(state)
+    forgetful = EKDLoss(**options).train()  # the same thresholds, an empty memory
+    forgetful.load_state_dict({k: v for k, v in state.items() if not k.startswith("memory_")}, strict=False)
+    for batch in batches[3:]:
+        loss_a, metrics_a = original(*batch)
+        loss_b, metrics_b = restored(*batch)
+        loss_c, _ = forgetful(*batch)
+        assert torch.equal(loss_a, loss_b) and all(torch.equal(metrics_a[k], metrics_b[k]) for k in metrics_a)
+        assert not torch.equal(loss_a, loss_c)
+    assert all(torch.equal(v, restored.state_dict()[k]) for k, v in original.state_dict().items())
+    combined = build_distill_loss("ekd+feature", memory=40, feature_weight=1.0).train()
+    combined(*clustered_batch(4, 4, 8, 8))
+    assert combined.state_dict()["ekd.memory_labels"].shape == (16,)
+
+
 def test_ekd_feature_is_ekd_plus_weighted_feature_exactly():
     options = dict(top_k=0.2, momentum=0.3, temperature=0.05)
     combined = build_distill_loss("ekd+feature", feature_weight=3.0, metric="cosine", **options).train()
@@ -539,7 +651,7 @@ def _load_job():
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                     reason="torch.distributed with gloo is not available")
-def test_ekd_in_two_processes_equals_one_process_on_the_global_batch(tmp_path):
+def test_ekd_in_two_processes_equals_one_process_on_the_global_batch_with_and_without_memory(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(JOBS / "ekd_ddp.py"), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=240)
@@ -547,7 +659,11 @@ def test_ekd_in_two_processes_equals_one_process_on_the_global_batch(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
     job = _load_job()
-    reference = EKDLoss(**job.OPTIONS).train()
+    for name, options in job.RUNS.items():
+        _check_against_one_process(job, ranks, name, EKDLoss(**options).train())
+
+
+def _check_against_one_process(job, ranks: list[dict], name: str, reference: EKDLoss) -> None:
     for step in range(job.STEPS):
         student, teacher, labels = job.global_batch(step)
         full = student.clone().requires_grad_(True)
@@ -556,11 +672,13 @@ def test_ekd_in_two_processes_equals_one_process_on_the_global_batch(tmp_path):
         half = len(labels) // 2
         for r, seen in enumerate(ranks):
             assert seen["rank"] == r and seen["world_size"] == 2
-            got = seen["steps"][step]
+            got = seen["runs"][name][step]
             assert got["loss"] == pytest.approx(loss.item(), rel=1e-5, abs=1e-9)
             assert got["metrics"] == pytest.approx({k: v.item() for k, v in metrics.items()}, rel=1e-5, abs=1e-7)
-            np.testing.assert_allclose(got["student_thresholds"], reference.student_thresholds.numpy(), atol=1e-6)
-            np.testing.assert_allclose(got["teacher_thresholds"], reference.teacher_thresholds.numpy(), atol=1e-6)
+            state = reference.state_dict()
+            assert got["state"].keys() == state.keys()
+            for key, value in state.items():  # thresholds, their update count, the memory (every rank's the same)
+                np.testing.assert_allclose(np.array(got["state"][key]), value.numpy(), atol=1e-6, err_msg=key)
             # Every rank computes the same loss on the gathered batch; all_gather_with_grad sums the
             # gradients of every rank's copy of rank r's rows back to rank r. So rank r's raw gradient
             # is world_size (2) x the one-process gradient of its rows (DDP's averaging then makes
@@ -568,3 +686,4 @@ def test_ekd_in_two_processes_equals_one_process_on_the_global_batch(tmp_path):
             expected = 2.0 * full.grad[r * half:(r + 1) * half]
             np.testing.assert_allclose(np.array(got["grad"]), expected.numpy(), rtol=1e-4, atol=1e-7)
         assert loss.item() > 0
+    assert reference.memory_entries == reference.memory  # 0, or full and cycled by the third step

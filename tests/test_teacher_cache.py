@@ -164,6 +164,28 @@ def test_distill_cli_reads_the_cache_and_refuses_what_does_not_match(faces, teac
     assert not (tmp_path / "refused" / "model.safetensors").exists()
 
 
+def test_ekd_memory_queues_the_caches_teacher_embeddings(faces, cache, tmp_path):
+    from facekd.engine import load_checkpoint
+
+    config = tiny_recognition_config(faces, distill={"method": "ekd", "options": {"memory": 20, "top_k": 40}})
+    config.student_train.max_steps, config.student_train.log_every_steps = 3, 1
+    report = train_recognition(config, tmp_path / "run", role="student", teacher_cache=cache)
+    assert report["steps"] == 3
+    state = load_checkpoint(tmp_path / "run" / "train" / "checkpoints" / "last.ckpt")["loss"]
+    queued, labels = state["distill.memory_teacher"], state["distill.memory_labels"]
+    assert queued.shape == (20, DIM) and state["distill.memory_student"].shape == (20, DIM)
+    # every queued teacher embedding is the cache's (unit) vector of one image or its mirror, of its identity
+    stored = TeacherCache(cache)
+    vectors = torch.nn.functional.normalize(torch.from_numpy(np.concatenate([stored.embeddings(0),
+                                                                             stored.embeddings(1)])), dim=1)
+    best = (queued @ vectors.t()).max(dim=1)
+    assert (best.values > 1 - 1e-5).all()
+    identity = IdentitySource(faces / "train").labels[best.indices.numpy() % len(stored.norms)]
+    assert len(set(zip(labels.tolist(), identity.tolist()))) == len(set(labels.tolist()))
+    history = [json.loads(line) for line in (tmp_path / "run" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["ekd_memory"] for r in history if r["event"] == "train"] == [0, 16, 20]  # batches of 16
+
+
 def test_sharded_and_interrupted_builds_finish_to_the_same_cache(faces, teacher, cache, tmp_path, monkeypatch):
     full = TeacherCache(cache).embeddings(1)
     shared = tmp_path / "shared"

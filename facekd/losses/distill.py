@@ -9,7 +9,8 @@ computed in float32 whatever the autocast precision of the models.
 - `feature`: L2 or cosine distance between the L2-normalised embeddings (needs D == D');
 - `rkd`: Relational KD (Park et al., CVPR 2019), distance and angle relations;
 - `similarity`: Similarity-Preserving KD (Tung & Mori, ICCV 2019);
-- `ekd`: Evaluation-oriented KD (Huang et al., CVPR 2022), across processes on the global batch;
+- `ekd`: Evaluation-oriented KD (Huang et al., CVPR 2022), across processes on the global batch,
+  optionally with a cross-batch memory of past embeddings (facekd's extension: `memory`);
 - `ekd+feature`: `ekd` plus `feature_weight` x `feature` (needs D == D').
 """
 
@@ -34,6 +35,7 @@ THRESHOLD_AVERAGES = ("bias_corrected", "paper")
 EKD_LEVELS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 EKD_LOGGED_LEVEL = 1e-3
 _NORM_EPS = 1e-12
+_MEMORY_BUFFERS = ("memory_student", "memory_teacher", "memory_labels")
 
 Metrics = dict[str, torch.Tensor]
 
@@ -57,6 +59,7 @@ class _EKDOptions(ConfigModel):
     negative_weight: NonNegative
     momentum: float = Field(gt=0, le=1)
     threshold_average: Literal[THRESHOLD_AVERAGES]
+    memory: int = Field(ge=0)
 
     @field_validator("levels")
     @classmethod
@@ -276,23 +279,35 @@ class EKDLoss(nn.Module):
        MSE over the top_k negatives with the largest STUDENT similarity (all of them when
        there are fewer; `top_k`: an int is a count, a float f in (0, 1) means
        ceil(f * N_neg) of them). MSE is a mean, as in the paper's code. An empty set of
-       positives (or negatives) contributes 0; without negatives the thresholds are not updated.
+       positives (or negatives) contributes 0; without negatives the thresholds are not updated;
+    7. cross-batch memory (`memory` M > 0; facekd's extension, not in the paper or TFace, after
+       Wang et al.'s XBM, CVPR 2020): a FIFO of the last M global-batch entries (student
+       embedding, detached; teacher embedding; label), all L2-normalised and identical on every
+       rank. The current batch's pairs with the memory's entries of OTHER identities are
+       negatives that join steps 3 and 6 (the thresholds and the hard-negative set; the
+       memory's side carries no gradient), so N_neg grows from about B^2/2 to B^2/2 + B*M and
+       low FPR levels mean something with a small batch (B 128 with M 8192: over 1e6
+       negatives, 1e-6). Pairs with the memory's entries of the same identity are not used.
+       The batch is queued after its loss, in training mode only; the memory is in the buffers
+       (checkpointed) and starts empty, so M = 0 is plain EKD exactly.
 
     Gradient: thresholds carry none. Each rank's gathered copy sends its gradient back to the
     owning rank, summed over ranks (see `all_gather_with_grad`), so a rank's raw gradient is
     world_size times the single-process full-batch gradient; DDP's averaging makes it exact.
     Metrics: ekd_pos and ekd_neg (the weighted terms, summing to the loss) and, when 1e-3 is a
-    level, ekd_thr_student / ekd_thr_teacher (the smoothed thresholds at FPR 1e-3).
-    Memory is O(B^2) in the global batch.
+    level, ekd_thr_student / ekd_thr_teacher (the smoothed thresholds at FPR 1e-3); with a
+    memory, ekd_memory (its entries used this step). Compute and memory are O(B^2 + B*M) in
+    the global batch B.
     """
 
     def __init__(self, levels: Iterable[float] = EKD_LEVELS, temperature: float = 0.01, top_k: int | float = 2000,
                  positive_weight: float = 0.02, negative_weight: float = 0.01, momentum: float = 0.01,
-                 threshold_average: Literal["bias_corrected", "paper"] = "bias_corrected"):
+                 threshold_average: Literal["bias_corrected", "paper"] = "bias_corrected", memory: int = 0):
         super().__init__()
         self.options = options = validated(_EKDOptions, {
             "levels": levels, "temperature": temperature, "top_k": top_k, "positive_weight": positive_weight,
-            "negative_weight": negative_weight, "momentum": momentum, "threshold_average": threshold_average}, "ekd")
+            "negative_weight": negative_weight, "momentum": momentum, "threshold_average": threshold_average,
+            "memory": memory}, "ekd")
         self.levels, self.temperature, self.top_k = options.levels, options.temperature, options.top_k
         self.positive_weight, self.negative_weight = options.positive_weight, options.negative_weight
         self.momentum, self.threshold_average = options.momentum, options.threshold_average
@@ -301,6 +316,62 @@ class EKDLoss(nn.Module):
         self.register_buffer("student_thresholds", torch.zeros(len(self.levels)))
         self.register_buffer("teacher_thresholds", torch.zeros(len(self.levels)))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
+        self.memory = options.memory
+        if self.memory:  # sized by the first batch (or by a loaded state): entries oldest first
+            self.register_buffer("memory_student", torch.zeros(0, 0))
+            self.register_buffer("memory_teacher", torch.zeros(0, 0))
+            self.register_buffer("memory_labels", torch.zeros(0, dtype=torch.long))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the memory's buffers take the saved shapes (its fill and the embedding sizes)
+        for name in _MEMORY_BUFFERS if self.memory else ():
+            saved = state_dict.get(prefix + name)
+            if saved is not None:
+                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def memory_entries(self) -> int:
+        """Entries in the cross-batch memory now (0 without one)."""
+        return self.memory_labels.numel() if self.memory else 0
+
+    @torch.no_grad()
+    def _enqueue(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> None:
+        """Append the batch's unit embeddings and labels, keeping the newest `memory` entries."""
+        def keep(name: str, new: torch.Tensor) -> None:
+            old = getattr(self, name)
+            setattr(self, name, (torch.cat([old, new]) if old.numel() else new)[-self.memory:].clone())
+
+        keep("memory_student", student.detach().float())
+        keep("memory_teacher", teacher.detach().float())
+        keep("memory_labels", labels.detach().long())
+
+    @torch.no_grad()
+    def _negative_pool(self, neg_s: torch.Tensor, neg_t: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
+                       labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Every negative's similarity, detached: the batch's (`neg_s`, `neg_t`) then the batch's
+        (unit s, t) with the memory's entries, batch-row-major, those of the same identity -inf
+        (they sort last); and the number of real negatives."""
+        if not self.memory_entries:
+            return neg_s.detach(), neg_t, neg_s.numel()
+        same = labels.unsqueeze(1) == self.memory_labels.to(labels.device).unsqueeze(0)
+        cross_s = (s.detach() @ self.memory_student.to(s).t()).masked_fill_(same, -math.inf)
+        cross_t = (t @ self.memory_teacher.to(t).t()).masked_fill_(same, -math.inf)
+        count = neg_s.numel() + same.numel() - int(same.sum())
+        return torch.cat([neg_s.detach(), cross_s.flatten()]), torch.cat([neg_t, cross_t.flatten()]), count
+
+    def _hard_negatives(self, chosen: torch.Tensor, neg_s: torch.Tensor, pool_t: torch.Tensor,
+                        s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student (with gradient) and teacher similarities of the pool's negatives at `chosen`,
+        the batch's first: the memory's are recomputed from the chosen pairs only, so the
+        gradient never spans the whole (B, M) block."""
+        if not self.memory_entries:
+            return neg_s[chosen], pool_t[chosen]
+        from_batch, from_memory = chosen[chosen < neg_s.numel()], chosen[chosen >= neg_s.numel()]
+        offset = from_memory - neg_s.numel()  # into the (B, M) block, row-major
+        row, col = offset // self.memory_entries, offset % self.memory_entries
+        memory = (s[row] * self.memory_student.to(s)[col]).sum(dim=1)  # gradient on the batch's side only
+        return torch.cat([neg_s[from_batch], memory]), pool_t[torch.cat([from_batch, from_memory])]
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.options.model_dump().items())
@@ -321,18 +392,19 @@ class EKDLoss(nn.Module):
         return min(num_negatives, self.top_k)
 
     @torch.no_grad()
-    def batch_thresholds(self, negatives: torch.Tensor) -> torch.Tensor:
-        """This batch's threshold per level (in `self.levels` order) from 1-D negative similarities."""
-        indices = ekd_threshold_indices(negatives.numel(), self.levels)
+    def batch_thresholds(self, negatives: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """This batch's threshold per level (in `self.levels` order) from 1-D negative similarities,
+        of which `count` (all by default) are real and the rest -inf."""
+        indices = ekd_threshold_indices(negatives.numel() if count is None else count, self.levels)
         top = torch.topk(negatives.detach(), k=max(indices) + 1, sorted=True).values
         return top[torch.tensor(indices, device=top.device)]
 
     @torch.no_grad()
-    def _thresholds(self, neg_s: torch.Tensor, neg_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _thresholds(self, neg_s: torch.Tensor, neg_t: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Student and teacher thresholds to use this step, updating the buffers in training mode."""
-        if neg_s.numel() == 0:
+        if count == 0:
             return self.student_thresholds.clone(), self.teacher_thresholds.clone()
-        batch_s, batch_t = self.batch_thresholds(neg_s), self.batch_thresholds(neg_t)
+        batch_s, batch_t = self.batch_thresholds(neg_s, count), self.batch_thresholds(neg_t, count)
         if self.training:
             self.threshold_updates.add_(1)
             m = self.update_momentum(int(self.threshold_updates))
@@ -371,18 +443,23 @@ class EKDLoss(nn.Module):
         sim_s = (s @ s.t())[rows, cols]
         sim_t = (t @ t.t())[rows, cols]
         positive = labels[rows] == labels[cols]
-        neg_s, neg_t = sim_s[~positive], sim_t[~positive]
-        thr_s, thr_t = self._thresholds(neg_s, neg_t)
+        neg_s = sim_s[~positive]
+        pool_s, pool_t, count = self._negative_pool(neg_s, sim_t[~positive], s, t, labels)
+        thr_s, thr_t = self._thresholds(pool_s, pool_t, count)
 
         pos_term = self._rank_mse(sim_s[positive], sim_t[positive], thr_s, thr_t, student)
-        hardest = torch.topk(neg_s.detach(), k=self.num_hardest(neg_s.numel())).indices
-        neg_term = self._rank_mse(neg_s[hardest], neg_t[hardest], thr_s, thr_t, student)
+        hardest = torch.topk(pool_s, k=self.num_hardest(count)).indices
+        neg_term = self._rank_mse(*self._hard_negatives(hardest, neg_s, pool_t, s), thr_s, thr_t, student)
         pos_term = self.positive_weight * pos_term
         neg_term = self.negative_weight * neg_term
         metrics = {"ekd_pos": pos_term.detach(), "ekd_neg": neg_term.detach()}
         if self._logged_level is not None:
             metrics["ekd_thr_student"] = thr_s[self._logged_level].detach().clone()
             metrics["ekd_thr_teacher"] = thr_t[self._logged_level].detach().clone()
+        if self.memory:
+            metrics["ekd_memory"] = torch.tensor(float(self.memory_entries), device=s.device)
+            if self.training:
+                self._enqueue(s, t, labels)
         return pos_term + neg_term, metrics
 
 

@@ -50,7 +50,7 @@ class Sampler(ConfigModel):
 class Distill(ConfigModel):
     """Distillation of `facekd recognition distill`: `method` one of none, feature, rkd,
     similarity, ekd, ekd+feature; total loss = margin softmax + `weight` × distillation loss; `options`
-    go to the method (e.g. {metric: cosine} for feature, {top_k: 2000} for ekd); `teacher` a
+    go to the method (e.g. {metric: cosine} for feature, {top_k: 2000, memory: 8192} for ekd); `teacher` a
     recognition model file (or give --teacher); `teacher_cache` a cache of its embeddings of
     the training set (`facekd recognition teacher-cache`; or give --teacher-cache), read
     instead of running the teacher."""
