@@ -331,10 +331,10 @@ def main() -> int:
 def _print_table(summary: dict, gap: dict, small: dict, small_diff: dict | None, differences: dict) -> None:
     keys = [f"tpr@{_key(level)}" for level in LEVELS if f"tpr@{_key(level)}" in summary["none"]]
 
-    def line(name: str, row: dict) -> str:
+    def line(name: str, row: dict, main: bool = True) -> str:
         weight = row.get("weight")
         cells = "".join(f"{row[k]['mean']:>10.4f} ± {row[k]['std']:.4f}" if k in row else f"{'':>19}" for k in keys)
-        closed = gap.get("tpr@1e-04", {}).get("closed", {}).get(name)
+        closed = gap.get("tpr@1e-04", {}).get("closed", {}).get(name) if main else None
         return (f"{name:<13}{'' if weight is None else f'{weight:g}':>7}{cells}{row['auc']['mean']:>9.4f}"
                 + ("" if closed is None else f"{closed:>9.0%}"))
 
@@ -348,7 +348,7 @@ def _print_table(summary: dict, gap: dict, small: dict, small_diff: dict | None,
     if small:
         print("batch 128:")
         for name, row in small.items():
-            print(line(name, row))
+            print(line(name, row, main=False))
         if small_diff and small_diff.get("1e-04"):
             d = small_diff["1e-04"]
             print(f"  memory − tuned, TPR@1e-4: {d['mean']:+.4f} ± {d['std']:.4f}{' *' if d['beyond_spread'] else ''}")
