@@ -14,7 +14,7 @@ Design (the constants below; --smoke shrinks everything):
   costs about the student alone;
 - students MobileFaceNet ×0.25 (128-d), all on one schedule (STUDENT_EPOCHS, SGD, cosine),
   balanced batches of 64 identities × 4 images = 256 (≈ 32 000 negatives: EKD's 1e-4 threshold
-  is the 3rd hardest negative of a batch);
+  is the 4th hardest negative of a batch);
 - rows: none (student alone), feature, rkd, similarity, ekd (paper preset: plain average,
   momentum 0.01, top_k 2000), ekd tuned (TUNED: bias-corrected average, momentum 0.05 as in
   demo.yaml, top_k 5 % of the negatives), ekd + memory (tuned + a cross-batch memory of MEMORY
@@ -28,8 +28,8 @@ Design (the constants below; --smoke shrinks everything):
 - one-GPU block: EKD tuned vs EKD + memory at batch 128 (32 × 4, ≈ 7 900 negatives, below 1e4)
   over the same seeds, each with the weight chosen for it in the main table (batch 256);
 - paired per-seed differences (same seed = same init and batch order) of every EKD variant vs
-  the student alone and each baseline: mean, std, and `beyond_spread` = mean > 2·std/√n (a
-  one-sided ~t-test at n = 3 it is not: it is a stated rule of thumb).
+  the student alone and each baseline: mean, std, and `beyond_spread` = mean > 2·std/√n (two
+  standard errors of the paired mean: a plain rule of thumb, not a significance test at n = 3).
 
 Runs go --jobs at a time, each its own process with 1 thread (the teacher alone gets all
 threads); a run already finished in --work is reused, so a killed benchmark resumes.
