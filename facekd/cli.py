@@ -96,7 +96,7 @@ def cmd_synth_ijb(args: argparse.Namespace) -> int:
 # --- demo --------------------------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from facekd.demo import run_edc_demo, run_quality_demo, run_recognition_demo
+    from facekd.demo import gap_closed, run_edc_demo, run_quality_demo, run_recognition_demo
     from facekd.evaluation.quality_edc import format_edc_table
     from facekd.quality.pipeline import format_report_table
     from facekd.recognition.train import format_recognition_table, report_rows
@@ -110,7 +110,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     reports = run_recognition_demo(out, **common)
     console.print(format_recognition_table(report_rows(reports), "Recognition distillation — every pair of "
                                            "60 unseen synthetic identities (GFLOPs = multiply-adds)"))
-    console.print(f"recognition runs: {out / 'recognition'} (teacher, student, ekd: model, report.json, roc.png)")
+    closed = gap_closed(reports)
+    if closed:
+        console.print("share of the teacher − student-alone TPR@1e-3 gap closed: "
+                      + ", ".join(f"{label} {share:.0%}" for label, share in closed.items()))
+    console.print(f"recognition runs: {out / 'recognition'} (teacher, student, ekd, rkd: model, report.json, roc.png)")
     edc = run_edc_demo(out, **common)
     console.print(format_edc_table(edc))
     console.print(f"EDC of T0, T1 and S with the EKD student as recognizer: {edc['plot']}")

@@ -3,8 +3,9 @@
 1. FIQA: synthetic MOS-labelled faces → T0 → pseudo-labels → T1 → pseudo-labels → student
    (configs/quality/demo.yaml), into OUT/quality.
 2. Recognition: synthetic 48×48 identities → MobileFaceNet teacher → MobileFaceNet ×0.25
-   student alone and distilled with EKD (bias-corrected thresholds, momentum 0.05, weight 10;
-   configs/recognition/demo.yaml), into OUT/recognition.
+   student alone, distilled with EKD (bias-corrected thresholds, momentum 0.05, weight 10;
+   configs/recognition/demo.yaml) and with RKD (weight 100), the method benchmarks/fr_distill.py
+   found best, into OUT/recognition.
 3. EDC: the quality models T0, T1 and S judged by the distilled recognizer on unseen identities
    whose images carry quality degradations at random severities, into OUT/edc.
 Everything already done with the same settings is reused.
@@ -13,6 +14,7 @@ Everything already done with the same settings is reused.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ DEMO_FR_TEST = dict(identities=60, images_per_identity=10, size=48, difficulty=0
 # demo fixes the threshold at a starting FNMR of 0.1 instead (`facekd evaluate edc --start-fnmr`).
 DEMO_EDC_FACES = dict(identities=60, images_per_identity=10, size=128, difficulty=0.0, degrade=0.5)
 DEMO_EDC_START_FNMR = 0.1
+# the best method of benchmarks/fr_distill.py (results/fr_distill.json) and its chosen weight
+DEMO_BEST_DISTILL = {"method": "rkd", "weight": 100.0, "options": {}}
 
 
 @dataclass
@@ -64,7 +68,7 @@ def run_quality_demo(out: Path, seed: int, workers, overwrite: bool, progress: P
 
 
 def run_recognition_demo(out: Path, seed: int, workers, overwrite: bool, progress: Progress) -> dict[str, dict]:
-    """OUT/recognition/{teacher,student,ekd}; returns their reports by label."""
+    """OUT/recognition/{teacher,student,ekd,rkd}; returns their reports by label."""
     from facekd.config import config_to_dict, load_config
     from facekd.recognition.config import RecognitionConfig
     from facekd.recognition.train import train_recognition
@@ -76,9 +80,12 @@ def run_recognition_demo(out: Path, seed: int, workers, overwrite: bool, progres
         f"student_train.seed={seed}"])
     runs = out / "recognition"
 
-    def trained(folder: Path, role: str, method: str, teacher: Path | None = None) -> dict[str, Any]:
-        config.distill.method = method
-        settings = json.loads(json.dumps(config_to_dict(config), default=str))
+    def trained(folder: Path, role: str, method: str, teacher: Path | None = None, **distill) -> dict[str, Any]:
+        run_config = config.model_copy(deep=True)
+        run_config.distill.method = method
+        for key, value in distill.items():
+            setattr(run_config.distill, key, value)
+        settings = json.loads(json.dumps(config_to_dict(run_config), default=str))
         report_file = folder / "report.json"
         if report_file.is_file() and not overwrite:
             report = json.loads(report_file.read_text())
@@ -86,12 +93,29 @@ def run_recognition_demo(out: Path, seed: int, workers, overwrite: bool, progres
                 progress.log(f"recognition {folder.name}: up to date, skipped")
                 return report
         progress.log(f"recognition {folder.name}: training")
-        return train_recognition(config, folder, role=role, teacher_path=teacher, progress=progress)
+        return train_recognition(run_config, folder, role=role, teacher_path=teacher, progress=progress)
 
     teacher = trained(runs / "teacher", "teacher", "none")
     teacher_model = runs / "teacher" / "model.safetensors"
+    best = DEMO_BEST_DISTILL["method"]
     return {"teacher": teacher, "student alone": trained(runs / "student", "student", "none"),
-            "student + EKD": trained(runs / "ekd", "student", "ekd", teacher_model)}
+            "student + EKD": trained(runs / "ekd", "student", "ekd", teacher_model),
+            f"student + {best.upper()} (fr_distill's best)": trained(runs / best, "student", teacher=teacher_model,
+                                                                     **DEMO_BEST_DISTILL)}
+
+
+def gap_closed(reports: dict[str, dict[str, Any]], level: float = 1e-3) -> dict[str, float]:
+    """Share of the teacher − student-alone TPR gap at FPR `level` each distilled student closes
+    (on the first evaluation set); empty when the teacher does not beat the student alone."""
+    def tpr(report: dict[str, Any]) -> float:
+        rows = next(iter(report["eval"].values()))["tpr_at_fpr"]
+        return next(r["tpr"] for r in rows if math.isclose(r["fpr_level"], level))
+
+    teacher, alone = tpr(reports["teacher"]), tpr(reports["student alone"])
+    if teacher <= alone:
+        return {}
+    return {label: (tpr(report) - alone) / (teacher - alone) for label, report in reports.items()
+            if label not in ("teacher", "student alone")}
 
 
 def _digest(path: Path) -> str:

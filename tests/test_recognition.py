@@ -292,3 +292,15 @@ def test_margin_softmax_on_the_random_part_only(faces):
     config.sampler.random_fraction = 0.3
     with pytest.raises(ConfigError, match=r"head\.images: random needs .* = 4\.8"):
         _margin_rows(config, config.student_train)
+
+
+def test_demo_gap_closed_is_the_share_of_the_teacher_student_tpr_gap():
+    from facekd.demo import gap_closed
+
+    def report(tpr_1e3: float) -> dict:
+        return {"eval": {"test": {"tpr_at_fpr": [{"fpr_level": 1e-2, "tpr": 0.9}, {"fpr_level": 1e-3, "tpr": tpr_1e3}]}}}
+
+    reports = {"teacher": report(0.5), "student alone": report(0.1), "student + EKD": report(0.3),
+               "student + RKD": report(0.05)}
+    assert gap_closed(reports) == pytest.approx({"student + EKD": 0.5, "student + RKD": -0.125})
+    assert gap_closed({**reports, "teacher": report(0.1)}) == {}
