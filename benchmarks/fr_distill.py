@@ -26,13 +26,15 @@ Design (the constants below; --smoke shrinks everything):
   grid one step that way, automatically, until it is inside (recorded in `grid`). The winner then
   runs every seed and is reported on the TEST split;
 - one-GPU block: EKD tuned vs EKD + memory at batch 128 (32 × 4, ≈ 7 900 negatives, below 1e4)
-  over the same seeds, each with the weight chosen for it in the main table (batch 256);
+  over the same seeds, each with the weight chosen for it in the main table (batch 256), and the
+  memory's ablations (ABLATIONS: hard-negative count, memory size), each paired against EKD tuned;
 - paired per-seed differences (same seed = same init and batch order) of every EKD variant vs
   the student alone and each baseline: mean, std, and `beyond_spread` = mean > 2·std/√n (two
   standard errors of the paired mean: a plain rule of thumb, not a significance test at n = 3).
 
 Runs go --jobs at a time, each its own process with 1 thread (the teacher alone gets all
-threads); a run already finished in --work is reused, so a killed benchmark resumes.
+threads); a run already finished in --work is reused, so a killed benchmark resumes. About 50 min
+on 2 cores (≈ 40 with --no-small-batch).
 """
 
 from __future__ import annotations
