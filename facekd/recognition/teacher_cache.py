@@ -57,10 +57,14 @@ def _part_file(folder: Path, part: int) -> Path:
     return folder / PARTS_DIR / f"{part:06d}.json"
 
 
+def _part_count(index: dict[str, Any]) -> int:
+    """How many parts a cache of `index` has: ceil(images / part_images)."""
+    return -(-int(index["images"]) // int(index["part_images"]))
+
+
 def _missing_parts(folder: Path, index: dict[str, Any]) -> list[int]:
-    """The parts of the cache `folder` not finished yet (of ceil(images / part_images))."""
-    total = -(-int(index["images"]) // int(index["part_images"]))
-    return [p for p in range(total) if not _part_file(folder, p).is_file()]
+    """The parts of the cache `folder` not finished yet."""
+    return [p for p in range(_part_count(index)) if not _part_file(folder, p).is_file()]
 
 
 def _read_index(folder: Path) -> dict[str, Any]:
@@ -158,7 +162,7 @@ def build_teacher_cache(teacher: PathLike, data: PathLike, out: PathLike, *, con
                       "classes": int(source.num_classes)},
              "images": len(source), "input_size": size, "dim": int(predictor.embedding_size),
              "part_images": part_images}
-    total_parts = -(-len(source) // part_images)
+    total_parts = _part_count(index)
     _open_for_build(out, index, overwrite)
     parts = [p for p in range(total_parts) if shard is None or p % shard.count == shard.index]
     todo = [p for p in parts if not _part_file(out, p).is_file()]
@@ -258,7 +262,7 @@ class TeacherCache(nn.Module):
         super().__init__()
         self.folder = Path(folder)
         self.index = _read_index(self.folder)
-        total_parts = -(-int(self.index["images"]) // int(self.index["part_images"]))
+        total_parts = _part_count(self.index)
         missing = _missing_parts(self.folder, self.index)
         if missing:
             raise DataError(self.folder, f"teacher cache is incomplete: {len(missing)} of {total_parts} parts are "
