@@ -152,10 +152,11 @@ def _init_worker(threads: int) -> None:
 
 
 class Runner:
-    """Builds run specs and trains them --jobs at a time (1 thread each)."""
+    """Builds run specs and trains them --jobs at a time (1 thread each). `batch`: the main
+    table's batch size, which run names omit."""
 
-    def __init__(self, work: Path, data: dict[str, Path], jobs: int, epochs: int):
-        self.work, self.data, self.jobs, self.epochs = work, data, jobs, epochs
+    def __init__(self, work: Path, data: dict[str, Path], jobs: int, epochs: int, batch: int):
+        self.work, self.data, self.jobs, self.epochs, self.batch = work, data, jobs, epochs, batch
         self.cache = work / "teacher.cache"
         self.pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_init_worker,
                                         initargs=(1,))
@@ -164,9 +165,10 @@ class Runner:
         return [f"data.train={self.data['train']}",
                 "data.eval=" + json.dumps([str(self.data["val"]), str(self.data["test"])])]
 
-    def student(self, row: str, weight: float, seed: int, batch: int) -> dict:
+    def student(self, row: str, weight: float, seed: int, batch: int | None = None) -> dict:
         method, options, _ = ROWS[row] if row in ROWS else ABLATIONS[row] if row != "none" else ("none", {}, ())
-        name = f"{row}_w{weight:g}_seed{seed}" + (f"_b{batch}" if batch != BATCH_DEFAULT[0] else "")
+        batch = batch or self.batch
+        name = f"{row}_w{weight:g}_seed{seed}" + (f"_b{batch}" if batch != self.batch else "")
         return {"out": str(self.work / "runs" / name), "role": "student",
                 "cache": str(self.cache) if method != "none" else None,
                 "overrides": [*self.common(), f"student_train.epochs={self.epochs}", f"student_train.seed={seed}",
@@ -175,9 +177,6 @@ class Runner:
 
     def map(self, specs: list[dict]) -> list[dict]:
         return list(self.pool.map(train_one, specs))
-
-
-BATCH_DEFAULT = [BATCH]  # the main table's batch (--smoke changes it); run names omit it
 
 
 def paired(a: list[dict], b: list[dict], key: str) -> dict | None:
@@ -240,12 +239,11 @@ def main() -> int:
         for _, options, _ in ABLATIONS.values():
             if "memory" in options:
                 options["memory"] = options["memory"] * memory // MEMORY
-    BATCH_DEFAULT[0] = batch
     started = time.perf_counter()
     work = Path(args.work)
     progress = Progress()
     data = make_data(work, data_settings, progress)
-    runner = Runner(work, data, args.jobs, epochs)
+    runner = Runner(work, data, args.jobs, epochs, batch)
 
     teacher_spec = {"out": str(work / "runs" / "teacher"), "role": "teacher",
                     "overrides": [*runner.common(), f"teacher_train.epochs={teacher_epochs}",
@@ -262,10 +260,10 @@ def main() -> int:
     tried: dict[str, dict[float, dict]] = {row: {} for row in args.rows}
     extensions: dict[str, list[float]] = {row: [] for row in args.rows}
     select = _key(args.select_level)
-    specs = [("none", 0.0, runner.student("none", 0.0, s, batch)) for s in seeds]
+    specs = [("none", 0.0, runner.student("none", 0.0, s)) for s in seeds]
     none_runs = []
     while pending:
-        specs += [(row, w, runner.student(row, w, first, batch)) for row, ws in pending.items() for w in ws]
+        specs += [(row, w, runner.student(row, w, first)) for row, ws in pending.items() for w in ws]
         for (row, w, _), result in zip(specs, runner.map([spec for _, _, spec in specs])):
             if row == "none":
                 none_runs.append(result)
@@ -282,7 +280,7 @@ def main() -> int:
                 extensions[row].append(new)
     chosen = {row: max(tried[row], key=lambda w: tried[row][w]["val"][select] or 0.0) for row in args.rows}
 
-    later = [(row, runner.student(row, chosen[row], s, batch)) for row in args.rows for s in seeds[1:]]
+    later = [(row, runner.student(row, chosen[row], s)) for row in args.rows for s in seeds[1:]]
     small_rows = [] if args.no_small_batch else [r for r in ("ekd_tuned", "ekd_memory") if r in args.rows]
     small_weight = {row: chosen[row] for row in small_rows}
     if len(small_rows) == 2:
